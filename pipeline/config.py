@@ -1,0 +1,222 @@
+"""Structured (dataclass) schemas for the Hydra configuration.
+
+Every config group in `conf/` is validated against one of these dataclasses, so an unknown key or
+a value of the wrong type stops the run at start with a message naming the key. Values whose
+allowed set is known (stage names, dataset names, methods, targets, dtypes) are checked by
+`validate` before any work starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES: tuple[str, ...] = ("load", "generate", "explain", "score", "report")
+DATASETS: tuple[str, ...] = ("mimic_cxr", "nih_cxr14", "manifest", "demo")
+TARGET_KINDS: tuple[str, ...] = ("keywords", "answer_token", "answer_span", "answer_tokens")
+METHODS: tuple[str, ...] = (
+    "chefer",
+    "raw_attention",
+    "rollout",
+    "layer_weighted",
+    "head_importance",
+    "attention_flow",
+    "consensus",
+    "gradcam",
+    "activation_norm",
+    "random",
+    "occlusion",
+)
+DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
+PROMPT_KINDS: tuple[str, ...] = ("free_text", "yes_no")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class DatasetConfig:
+    """Which images to load. One schema for every source; `name` picks the loader."""
+
+    name: str = "demo"
+    root: Optional[str] = None  # dataset directory (mimic_cxr, nih_cxr14; demo: cache dir)
+    path: Optional[str] = None  # manifest dataset: CSV or Parquet file
+    views: List[str] = field(default_factory=lambda: ["PA", "AP"])  # empty: every view
+    splits: List[str] = field(default_factory=list)  # empty: every split
+    findings: List[str] = field(default_factory=list)  # keep images labelled positive for any
+    limit: Optional[int] = None  # first N images after filtering (before sharding)
+    shard: int = 0
+    num_shards: int = 1
+    one_image_per_study: bool = False
+    labeler: str = "chexpert"  # mimic_cxr: chexpert or negbio label file
+    reports: bool = False  # mimic_cxr: attach the free-text report
+    boxes_file: Optional[str] = None  # MS-CXR style box CSV; default: found in root
+    max_pixels: int = 60_000_000  # decompression-bomb guard (width x height)
+    seed: int = 0  # demo: phantom generator seed
+    n: int = 24  # demo: number of phantom images
+
+
+@dataclass
+class ModelConfig:
+    """The vision-language model to explain (a hub id or a local directory)."""
+
+    name: str = MISSING
+    name_or_path: str = MISSING
+    revision: Optional[str] = None
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    device_map: Optional[str] = None  # e.g. "auto" to spread over GPUs with accelerate
+    local_files_only: Optional[bool] = None  # None: follow HF_HUB_OFFLINE
+
+
+@dataclass
+class PromptVariant:
+    """One phrasing of a question. `finding` is the vocabulary name it asks about (yes/no)."""
+
+    id: str = MISSING
+    text: str = MISSING
+    kind: str = "free_text"  # free_text | yes_no
+    finding: Optional[str] = None
+    style: str = "technical"  # technical | lay
+    format_instruction: bool = False
+
+
+@dataclass
+class PromptsConfig:
+    """A prompt set: phrasings plus per-finding synonyms used to find findings in answers."""
+
+    name: str = MISSING
+    system_prompt: Optional[str] = None
+    variants: List[PromptVariant] = field(default_factory=list)
+    synonyms: Dict[str, List[str]] = field(default_factory=dict)
+    only_findings: List[str] = field(default_factory=list)  # empty: ask about every finding
+
+
+@dataclass
+class GenerateConfig:
+    batch_size: int = 8
+    max_new_tokens: int = 64
+
+
+@dataclass
+class ExplainConfig:
+    targets: List[str] = field(default_factory=lambda: ["keywords", "answer_token"])
+    methods: List[str] = field(default_factory=lambda: ["chefer", "raw_attention", "random"])
+    chunk_size: int = 8  # targets whose gradients are computed together
+    seed: int = 0  # seed of the random floor
+
+
+@dataclass
+class MetricsConfig:
+    min_inside_body_ratio: float = 0.7
+    max_border_fraction: float = 0.05
+    max_entropy_norm: float = 0.85
+    max_js_divergence: float = 0.2
+    left_fraction_range: List[float] = field(default_factory=lambda: [0.3, 0.7])
+    faithfulness: bool = False
+    faithfulness_steps: int = 8
+
+
+@dataclass
+class ReportConfig:
+    include_images: bool = True
+    bootstrap: int = 1000
+    gallery_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    stages: List[str] = field(default_factory=lambda: list(STAGES))
+    run_dir: str = MISSING
+    seed: int = 0
+    retry_errors: bool = False  # re-attempt keys that have an errors/ row for the stage
+    allow_config_change: bool = False  # resume a run dir whose identity config differs
+    flush_rows: int = 64  # rows per Parquet part file write
+    progress: bool = True
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="prompts", name="prompts_schema", node=PromptsConfig)
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def validate(cfg: Any) -> None:
+    """Check values whose allowed set is known; raise ConfigError naming the key."""
+    if not cfg.stages:
+        raise ConfigError("stages is empty; give at least one of: " + ", ".join(STAGES))
+    for s in cfg.stages:
+        _check_choice("stages", s, STAGES)
+    order = [STAGES.index(s) for s in cfg.stages]
+    if order != sorted(order) or len(set(order)) != len(order):
+        raise ConfigError(f"stages={list(cfg.stages)} must be distinct and in pipeline order: {', '.join(STAGES)}")
+    d = cfg.dataset
+    _check_choice("dataset.name", d.name, DATASETS)
+    if d.num_shards < 1:
+        raise ConfigError(f"dataset.num_shards={d.num_shards} must be >= 1")
+    if not 0 <= d.shard < d.num_shards:
+        raise ConfigError(f"dataset.shard={d.shard} must be in [0, dataset.num_shards={d.num_shards})")
+    if d.limit is not None and d.limit < 0:
+        raise ConfigError(f"dataset.limit={d.limit} must be >= 0")
+    _check_choice("dataset.labeler", d.labeler, ("chexpert", "negbio"))
+    if d.name == "manifest" and not d.path:
+        raise ConfigError("dataset.path is required for dataset=manifest (a CSV or Parquet file)")
+    if d.name in ("mimic_cxr", "nih_cxr14") and not d.root:
+        raise ConfigError(f"dataset.root is required for dataset={d.name}")
+    if d.n < 1:
+        raise ConfigError(f"dataset.n={d.n} must be >= 1")
+    _check_choice("model.dtype", cfg.model.dtype, DTYPES)
+    if cfg.generate.batch_size < 1:
+        raise ConfigError(f"generate.batch_size={cfg.generate.batch_size} must be >= 1")
+    if cfg.generate.max_new_tokens < 1:
+        raise ConfigError(f"generate.max_new_tokens={cfg.generate.max_new_tokens} must be >= 1")
+    for t in cfg.explain.targets:
+        _check_choice("explain.targets", t, TARGET_KINDS)
+    for m in cfg.explain.methods:
+        _check_choice("explain.methods", m, METHODS)
+    if cfg.explain.chunk_size < 1:
+        raise ConfigError(f"explain.chunk_size={cfg.explain.chunk_size} must be >= 1")
+    if cfg.flush_rows < 1:
+        raise ConfigError(f"flush_rows={cfg.flush_rows} must be >= 1")
+    lo_hi = list(cfg.metrics.left_fraction_range)
+    if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
+        raise ConfigError(f"metrics.left_fraction_range={lo_hi} must be [low, high] within [0, 1]")
+    ids = [v.id for v in cfg.prompts.variants]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ConfigError(f"prompts.variants: duplicate id(s) {dup}")
+    from pipeline.vocabulary import canonical_finding
+
+    for i, v in enumerate(cfg.prompts.variants):
+        _check_choice(f"prompts.variants[{i}].kind", v.kind, PROMPT_KINDS)
+        if v.kind == "yes_no" and not v.finding:
+            raise ConfigError(f"prompts.variants[{i}] ({v.id}) is yes_no but names no finding")
+        if v.finding:
+            try:
+                canonical_finding(v.finding)
+            except KeyError as e:
+                raise ConfigError(f"prompts.variants[{i}].finding: {e.args[0]}") from None
+    for key in list(cfg.prompts.synonyms) + list(cfg.prompts.only_findings) + list(d.findings):
+        try:
+            canonical_finding(key)
+        except KeyError as e:
+            raise ConfigError(f"finding name in prompts/dataset config: {e.args[0]}") from None

@@ -1,0 +1,95 @@
+"""Stage `load`: dataset images x prompt variants -> samples/.
+
+Each selected image is decoded in full (so corrupt, truncated or odd files fail here, as one
+errors/ row each, and later stages only see images that read) and one row is written per prompt
+variant. Boxes are rescaled to the decoded image's pixel size.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from pipeline.datasets import fingerprint, get_dataset, select
+from pipeline.images import read_image
+from pipeline.prompts import Prompt, prompt_variants, sample_id
+from pipeline.vocabulary import FINDINGS, label_column
+
+log = logging.getLogger(__name__)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sample_rows(rec, width: int, height: int, digest: str, prompts: list[Prompt], shard: int) -> list[dict[str, Any]]:
+    """The samples/ rows of one decoded image: one per prompt (or its own per-image prompt)."""
+    if rec.prompt_text:
+        prompts = [Prompt("manifest", rec.prompt_text, "free_text", None, "", False)]
+    base = {
+        "dataset": rec.dataset,
+        "image_id": rec.image_id,
+        "study_id": rec.study_id,
+        "subject_id": rec.subject_id,
+        "image_path": rec.image_path,
+        "image_sha256": digest,
+        "lung_mask_path": rec.lung_mask_path,
+        "view_position": rec.view_position,
+        "split": rec.split,
+        "width": width,
+        "height": height,
+        "boxes": [b.scaled_to(width, height) for b in rec.boxes],
+        "report_text": rec.report_text,
+        "shard": shard,
+    }
+    base.update({label_column(f): rec.labels.get(f) for f in FINDINGS})
+    return [
+        {
+            **base,
+            "sample_id": sample_id(rec.dataset, rec.image_id, p.id),
+            "prompt_id": p.id,
+            "prompt_text": p.text,
+            "prompt_kind": p.kind,
+            "prompt_finding": p.finding,
+            "prompt_style": p.style,
+            "format_instruction": p.format_instruction,
+        }
+        for p in prompts
+    ]
+
+
+def run(ctx) -> dict[str, Any]:
+    cfg = ctx.cfg
+    dataset = get_dataset(cfg.dataset)
+    records = dataset.records()
+    unsharded = select(records, cfg.dataset, apply_shard=False)
+    selected = select(records, cfg.dataset)
+    ctx.manifest.update(dataset_fingerprint=fingerprint(dataset, unsharded))
+    prompts = prompt_variants(cfg.prompts)
+    if not prompts:
+        log.warning("the prompt set %s has no variants after filtering: no samples", cfg.prompts.name)
+    samples = ctx.store.table("samples")
+    done = set(samples.read(columns=["image_id"])["image_id"])
+    failed = ctx.store.error_keys("load") if not cfg.retry_errors else set()
+    todo = [r for r in selected if r.image_id not in done and sample_id(r.dataset, r.image_id, "*") not in failed]
+    log.info("load: %d images selected (%d in all), %d already done, %d to read",
+             len(selected), len(records), len(selected) - len(todo), len(todo))
+    n_rows = n_err = 0
+    with ctx.writer("samples") as writer:
+        for rec in ctx.progress(todo, total=len(todo), desc="load"):
+            try:
+                img = read_image(rec.image_path, max_pixels=cfg.dataset.max_pixels)
+                rows = sample_rows(rec, img.width, img.height, _sha256(rec.image_path), prompts, ctx.shard)
+            except Exception as e:  # one bad image is an error row, never the end of the run
+                ctx.store.record_error("load", sample_id(rec.dataset, rec.image_id, "*"), e,
+                                       image_id=rec.image_id, shard=ctx.shard, detail=rec.image_path)
+                n_err += 1
+                continue
+            writer.add(rows)
+            n_rows += len(rows)
+            writer.maybe_flush()
+    return {"images_selected": len(selected), "images_read": len(todo) - n_err, "rows": n_rows, "errors": n_err}
