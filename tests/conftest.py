@@ -1,0 +1,45 @@
+"""Shared fixtures: paths, running the pipeline in-process with overrides."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+SHARED = REPO.parent / "shared" / "data" / "real_cxr"
+NIH_SUBSET = DATA / "real_cxr" / "nih_cxr14"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def compose(overrides: list[str]):
+    """The resolved config for `overrides`, exactly as run_pipeline.py would build it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pipeline.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def run_pipeline(overrides: list[str]):
+    """Run the pipeline in-process (no subprocess) and return the RunContext."""
+    from pipeline.runner import run
+
+    return run(compose(["progress=false", *overrides]))
+
+
+@pytest.fixture
+def shared_real_cxr() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared/data/real_cxr is not beside the checkout")
+    return SHARED
