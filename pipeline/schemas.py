@@ -83,7 +83,7 @@ RELEVANCY = pa.schema(
         ("grid_w", pa.int32()),
         ("image_map", pa.list_(pa.float32())),  # row-major grid_h x grid_w, raw (not normalised)
         ("text_map", pa.list_(pa.float32())),  # relevancy over all sequence positions (or null)
-        ("target_logprob", pa.float32()),  # sum of the target tokens' log-probabilities
+        ("target_score", pa.float32()),  # the explained score: sum of the target tokens' logits
         ("argmax_matches", pa.bool_()),  # teacher-forced argmax reproduces the answer
         ("image_tokens_ok", pa.bool_()),  # image-token count == grid_h * grid_w
         ("seconds", pa.float32()),

@@ -1,0 +1,64 @@
+"""Helpers shared by the stages that use the model: this shard's samples, images, the model."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.datasets import shard_of
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shard_samples(ctx, columns: list[str] | None = None) -> pd.DataFrame:
+    """samples/ rows of this invocation: `dataset.limit` (first N image ids) and the shard
+    (`dataset.shard` of `dataset.num_shards`, by the image id's hash) applied, sorted by sample_id."""
+    cols = None if columns is None else sorted(set(columns) | {"sample_id", "image_id"})
+    df = ctx.store.table("samples").read(columns=cols)
+    d = ctx.cfg.dataset
+    if d.limit is not None:
+        keep = sorted(df["image_id"].unique())[: d.limit]
+        df = df[df["image_id"].isin(keep)]
+    if d.num_shards > 1:
+        df = df[df["image_id"].map(lambda i: shard_of(i, d.num_shards) == d.shard)]
+    return df.sort_values("sample_id").reset_index(drop=True)
+
+
+def resolve_model_path(model_cfg: Any) -> str:
+    """A relative local path is taken from the current directory, else from the repository;
+    the demo model directory is created on first use (see pipeline.demo_model)."""
+    name = str(model_cfg.name_or_path)
+    p = Path(name)
+    if p.is_absolute() or p.exists():
+        return name
+    in_repo = REPO / p
+    if model_cfg.name == "demo":
+        from pipeline.demo_model import ensure_demo_model
+
+        return str(ensure_demo_model(in_repo))
+    return str(in_repo) if in_repo.exists() else name
+
+
+def get_model(ctx):
+    """The model for this run, loaded once per invocation and described in the manifest."""
+    if "model" not in ctx.cache:
+        from pipeline.model import describe, load_model
+
+        m = ctx.cfg.model
+        loaded = load_model(resolve_model_path(m), revision=m.revision, dtype=m.dtype, device=m.device,
+                            device_map=m.device_map, local_files_only=m.local_files_only)
+        ctx.cache["model"] = loaded
+        ctx.manifest.update(model=describe(loaded) | {"config_name": m.name})
+        log.info("model %s loaded (%s on %s)", m.name_or_path, loaded.dtype, loaded.device)
+    return ctx.cache["model"]
+
+
+def read_pil(image_path: str, max_pixels: int):
+    """The image as the model sees it: decoded robustly, 8-bit RGB."""
+    from pipeline.images import read_image, to_rgb_pil
+
+    return to_rgb_pil(read_image(image_path, max_pixels=max_pixels))
