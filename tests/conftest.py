@@ -43,3 +43,11 @@ def shared_real_cxr() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared/data/real_cxr is not beside the checkout")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Gemma 3 directory (4 x 4 image tokens), built once per test session."""
+    from pipeline.tiny_model import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny_gemma3_session"), seed=0)
