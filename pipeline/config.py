@@ -103,7 +103,7 @@ class GenerateConfig:
 
 @dataclass
 class ExplainConfig:
-    targets: List[str] = field(default_factory=lambda: ["keywords", "answer_token"])
+    targets: List[str] = field(default_factory=lambda: ["keywords", "answer_token", "answer_span"])
     methods: List[str] = field(default_factory=lambda: ["chefer", "raw_attention", "random"])
     chunk_size: int = 8  # targets whose gradients are computed together
     seed: int = 0  # seed of the random floor
