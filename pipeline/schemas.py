@@ -91,6 +91,102 @@ RELEVANCY = pa.schema(
     ]
 )
 
+KEY_FIELDS = [
+    ("sample_id", pa.string()),
+    ("target_kind", pa.string()),
+    ("target_label", pa.string()),
+    ("token_start", pa.int32()),
+    ("method", pa.string()),
+]
+
+METRICS = pa.schema(
+    [
+        *KEY_FIELDS,
+        ("image_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("prompt_kind", pa.string()),
+        ("view_position", pa.string()),
+        ("finding", pa.string()),  # the finding whose boxes localise this target (null: none)
+        ("finding_side", pa.string()),  # patient side of that finding's boxes: left/right/bilateral
+        ("n_boxes", pa.int32()),
+        ("mass", pa.float32()),  # total raw map mass
+        ("inside_body_ratio", pa.float32()),  # mass weighted by cell body coverage / mass
+        ("border_fraction", pa.float32()),  # mass in the outer ring of cells / mass
+        ("entropy_bits", pa.float32()),  # Shannon entropy of the normalised map, bits
+        ("entropy_norm", pa.float32()),  # entropy_bits / log2(cells)
+        ("patient_left_fraction", pa.float32()),  # mass on the patient's left (image right); NaN: not frontal
+        ("apical_fraction", pa.float32()),  # thirds of the body's vertical extent
+        ("middle_fraction", pa.float32()),
+        ("basal_fraction", pa.float32()),
+        ("pointing_hit", pa.float32()),  # 1/0: argmax cell centre inside a box; NaN: no boxes
+        ("box_mass_fraction", pa.float32()),  # mass inside the boxes / mass
+        ("box_area_fraction", pa.float32()),  # box area / image area: the random floor of the above
+        ("box_iou", pa.float32()),  # IoU of the Otsu-binarised map with the boxes
+        ("body_area_fraction", pa.float32()),  # body mask area / image area
+        ("pass_inside_body", pa.bool_()),
+        ("pass_border", pa.bool_()),
+        ("pass_entropy", pa.bool_()),
+        ("pass_laterality_balance", pa.bool_()),  # null for non-frontal views
+        ("shard", pa.int32()),
+    ]
+)
+
+SENSITIVITY = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("target_kind", pa.string()),
+        ("target_label", pa.string()),  # finding (keywords; the asked finding for answer_token)
+        ("method", pa.string()),
+        ("prompt_a", pa.string()),
+        ("prompt_b", pa.string()),
+        ("style_a", pa.string()),
+        ("style_b", pa.string()),
+        ("format_a", pa.bool_()),
+        ("format_b", pa.bool_()),
+        ("js_divergence", pa.float32()),  # bits, 0..1
+        ("js_distance", pa.float32()),  # sqrt of the divergence
+        ("answer_a", pa.string()),
+        ("answer_b", pa.string()),
+        ("parsed_a", pa.string()),  # yes / no / uncertain / unparsed (yes/no prompts)
+        ("parsed_b", pa.string()),
+        ("answers_agree", pa.bool_()),  # null when either answer is not a yes/no question's
+        ("pass_js", pa.bool_()),
+        ("shard", pa.int32()),
+    ]
+)
+
+ANSWERS = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("image_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("finding", pa.string()),  # the finding a yes/no prompt asks about
+        ("answer", pa.string()),
+        ("parsed", pa.string()),  # yes / no / uncertain / unparsed
+        ("label", pa.float32()),  # 1.0 / 0.0 / -1.0 / null
+        ("label_state", pa.string()),  # positive / negative / uncertain / not_mentioned
+        ("correct", pa.bool_()),  # null unless both the answer and the label are definite
+        ("shard", pa.int32()),
+    ]
+)
+
+FAITHFULNESS = pa.schema(
+    [
+        *KEY_FIELDS,
+        ("baseline", pa.string()),  # what replaces an image token's embedding
+        ("fractions", pa.list_(pa.float32())),  # fraction of image tokens removed / revealed
+        ("deletion", pa.list_(pa.float32())),  # target log-probability at each fraction
+        ("insertion", pa.list_(pa.float32())),
+        ("random_deletion", pa.list_(pa.float32())),  # random order: the floor
+        ("random_insertion", pa.list_(pa.float32())),
+        ("deletion_auc", pa.float32()),  # trapezoid area over fractions 0..1 (lower is better)
+        ("insertion_auc", pa.float32()),  # (higher is better)
+        ("random_deletion_auc", pa.float32()),
+        ("random_insertion_auc", pa.float32()),
+        ("shard", pa.int32()),
+    ]
+)
+
 ERRORS = pa.schema(
     [
         ("stage", pa.string()),
@@ -109,8 +205,12 @@ ERRORS = pa.schema(
 TABLES = {
     "samples": TableSpec("samples", SAMPLES, ("sample_id",)),
     "generations": TableSpec("generations", GENERATIONS, ("sample_id",)),
-    "relevancy": TableSpec(
-        "relevancy", RELEVANCY, ("sample_id", "target_kind", "target_label", "token_start", "method")
+    "relevancy": TableSpec("relevancy", RELEVANCY, tuple(n for n, _ in KEY_FIELDS)),
+    "metrics": TableSpec("metrics", METRICS, tuple(n for n, _ in KEY_FIELDS)),
+    "sensitivity": TableSpec(
+        "sensitivity", SENSITIVITY, ("image_id", "target_kind", "target_label", "method", "prompt_a", "prompt_b")
     ),
+    "answers": TableSpec("answers", ANSWERS, ("sample_id",)),
+    "faithfulness": TableSpec("faithfulness", FAITHFULNESS, tuple(n for n, _ in KEY_FIELDS)),
     "errors": TableSpec("errors", ERRORS, ("stage", "sample_id")),
 }
