@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 STAGES: tuple[str, ...] = ("load", "generate", "explain", "score", "report")
 DATASETS: tuple[str, ...] = ("mimic_cxr", "nih_cxr14", "manifest", "demo")
@@ -107,6 +107,9 @@ class ExplainConfig:
     methods: List[str] = field(default_factory=lambda: ["chefer", "raw_attention", "random"])
     chunk_size: int = 8  # targets whose gradients are computed together
     seed: int = 0  # seed of the random floor
+    occlusion_block: int = 1  # occlusion: k x k blocks of image tokens
+    occlusion_baseline: str = "mean"  # what replaces an occluded token's embedding: mean | zero
+    perturbation_batch_size: int = 16  # perturbed variants per forward pass (occlusion, faithfulness)
 
 
 @dataclass
@@ -116,16 +119,19 @@ class MetricsConfig:
     max_entropy_norm: float = 0.85
     max_js_divergence: float = 0.2
     left_fraction_range: List[float] = field(default_factory=lambda: [0.3, 0.7])
-    faithfulness: bool = False
+    faithfulness: bool = False  # deletion / insertion curves (needs the model; explain stage)
     faithfulness_steps: int = 8
+    faithfulness_baseline: str = "mean"  # mean | zero
 
 
 @dataclass
 class ReportConfig:
-    include_images: bool = True
-    bootstrap: int = 1000
-    gallery_size: int = 8
-    seed: int = 0
+    include_images: bool = True  # false: no patient image anywhere in the report (data use agreements)
+    bootstrap: int = 1000  # percentile-bootstrap resamples per 95% interval (0: no intervals)
+    gallery_size: int = 8  # targets drawn in the overlay gallery (one panel per method each)
+    seed: int = 0  # seeds the bootstrap and the choice of gallery targets and explorer samples
+    explorer_samples: int = 8  # samples in token_explorer.html (answer_tokens targets); 0: none
+    explorer_image_size: int = 320  # longest side, pixels, of the explorer's downscaled images
 
 
 @dataclass
@@ -193,6 +199,11 @@ def validate(cfg: Any) -> None:
         _check_choice("explain.targets", t, TARGET_KINDS)
     for m in cfg.explain.methods:
         _check_choice("explain.methods", m, METHODS)
+    _check_choice("explain.occlusion_baseline", cfg.explain.occlusion_baseline, ("mean", "zero"))
+    _check_choice("metrics.faithfulness_baseline", cfg.metrics.faithfulness_baseline, ("mean", "zero"))
+    for key in ("explain.occlusion_block", "explain.perturbation_batch_size", "metrics.faithfulness_steps"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
     if cfg.explain.chunk_size < 1:
         raise ConfigError(f"explain.chunk_size={cfg.explain.chunk_size} must be >= 1")
     if cfg.flush_rows < 1:

@@ -14,6 +14,10 @@ Maps: the image map is the read-out vector restricted to the positions where
 ``input_ids == model.config.image_token_id`` (sequence order, row-major), reshaped to
 ``(grid_h, grid_w)``; the text map is the read-out vector over all ``N`` input positions (image
 positions included). All maps are raw, float32, non-negative; any failure raises.
+
+``occlusion`` is the one method that needs no captured tensor: it re-runs the model with image
+soft tokens replaced by a baseline (batched variants, see :mod:`.perturbation`) and maps
+``max(0, logprob(original) - logprob(occluded))`` per token or ``occlusion_block`` square.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ from .methods import (
 )
 
 __all__ = [
+    "ALL_METHODS",
     "METHODS",
+    "PERTURBATION_METHODS",
     "GRADIENT_METHODS",
     "TEXT_MAP_METHODS",
     "Target",
@@ -65,6 +71,11 @@ METHODS: tuple[str, ...] = (
     "activation_norm",
     "random",
 )
+#: Methods that re-run the model on perturbed inputs instead of reading the one captured forward
+#: pass (kept out of :data:`METHODS`, whose methods all come from that single pass).
+PERTURBATION_METHODS: tuple[str, ...] = ("occlusion",)
+#: Every name :func:`explain_sequence` accepts.
+ALL_METHODS: tuple[str, ...] = METHODS + PERTURBATION_METHODS
 GRADIENT_METHODS: frozenset[str] = frozenset({"chefer", "gradcam"})
 TEXT_MAP_METHODS: frozenset[str] = frozenset({"chefer", "raw_attention", "rollout"})
 _ATTENTION_BASELINES = frozenset({"layer_weighted", "head_importance", "attention_flow", "consensus"})
@@ -164,8 +175,8 @@ def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
         methods = (methods,)
     out: list[str] = []
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown relevancy method {m!r}; known: {', '.join(METHODS)}")
+        if m not in ALL_METHODS:
+            raise ValueError(f"unknown relevancy method {m!r}; known: {', '.join(ALL_METHODS)}")
         if m not in out:
             out.append(m)
     if not out:
@@ -272,6 +283,9 @@ def explain_sequence(
     seed: int = 0,
     truncate: bool = True,
     batched: bool = True,
+    occlusion_block: int = 1,
+    occlusion_baseline: str = "mean",
+    perturbation_batch_size: int = 16,
 ) -> ExplainOutput:
     """Explain several targets of one sequence with one forward pass.
 
@@ -283,7 +297,7 @@ def explain_sequence(
         token_type_ids: (1, N) as given at generation (1 on image tokens switches on Gemma 3's
             bidirectional image attention), or ``None`` if generation ran without them.
         targets: spans to explain, see :class:`Target`.
-        methods: names from :data:`METHODS`.
+        methods: names from :data:`ALL_METHODS` (:data:`METHODS` plus ``occlusion``).
         attention_mask: optional (1, N) padding mask, as given at generation.
         prompt_length: first generated position; enables the ``argmax_matches`` check.
         grid: (grid_h, grid_w) of the image tokens; default the square root of their count.
@@ -293,6 +307,11 @@ def explain_sequence(
         truncate: forward only ``input_ids[:, :max end]`` (later positions cannot influence the
             explained logits); the argmax check then covers that prefix only.
         batched: use batched vector-Jacobian products (falls back per target on failure).
+        occlusion_block: side, in image tokens, of the squares the ``occlusion`` method replaces
+            (1: every token on its own); see :func:`.perturbation.occlusion_maps`.
+        occlusion_baseline: what replaces an occluded token's embedding: ``"mean"`` (the mean
+            image soft-token embedding of this image) or ``"zero"``.
+        perturbation_batch_size: occluded variants per forward pass (bounds memory).
 
     Returns:
         :class:`ExplainOutput`. Gradient methods (``chefer``, ``gradcam``) use float32 arithmetic
@@ -485,6 +504,25 @@ def explain_sequence(
 
         score_values = scores.detach().cpu().tolist()
         del scores, picked, logits, out, rec, probs, embeds, inputs  # release the graph
+
+        # after the graph is released: occlusion re-runs the model on batches of variants
+        if "occlusion" in methods:
+            # imported here: the perturbation module builds on this one
+            from .perturbation import occlusion_maps
+
+            t0 = time.perf_counter()
+            occ = occlusion_maps(
+                model,
+                {"input_ids": input_ids, "pixel_values": pixel_values, "token_type_ids": token_type_ids,
+                 "attention_mask": attention_mask},
+                targets,
+                grid=(grid_h, grid_w),
+                block=occlusion_block,
+                baseline=occlusion_baseline,
+                batch_size=perturbation_batch_size,
+            )
+            maps["occlusion"] = torch.from_numpy(occ.reshape(n_targets, n_img))
+            timings["occlusion"] = time.perf_counter() - t0
 
     # assemble per-target outputs (numpy float32, raw)
     t0 = time.perf_counter()

@@ -1,23 +1,38 @@
-"""Stage `explain`: relevancy maps for the targets of every generated answer -> relevancy/.
+"""Stage `explain`: relevancy maps for the targets of every generated answer -> relevancy/,
+and (`metrics.faithfulness=true`) deletion / insertion curves of those maps -> faithfulness/.
 
 Per sample: the targets named by `explain.targets` are found in the answer, de-duplicated by
 token span, and explained by every method of `explain.methods` with ONE forward pass over the
-stored sequence (see pipeline.relevancy). A finding the answer does not mention (the finding a
-yes/no prompt asks about, or one the dataset labels positive) gets a row with
-status="not_mentioned" and no map: it is recorded as not explained, never replaced by another
-target. Every (sample, method) gets at least one row, which is how a resumed run knows it is done.
+stored sequence (see pipeline.relevancy; `occlusion` adds batched perturbed passes). A finding
+the answer does not mention (the finding a yes/no prompt asks about, or one the dataset labels
+positive) gets a row with status="not_mentioned" and no map: it is recorded as not explained,
+never replaced by another target. Every (sample, method) gets at least one row, which is how a
+resumed run knows it is done.
+
+Faithfulness (pipeline.relevancy.perturbation): every relevancy row with status "ok" whose
+method is in `explain.methods` gets one faithfulness/ row with the same key (sample_id,
+target_kind, target_label, token_start, method), computed with `metrics.faithfulness_steps`
+steps; the random floor's order is seeded per sample from `explain.seed` and the sample id. A
+row is done when its key is in faithfulness/, so a resumed run (or a run that turns
+faithfulness on later) computes exactly the missing keys, reading maps written by an earlier
+invocation back from relevancy/. A sample whose faithfulness fails is one errors/ row with
+stage "faithfulness" (skipped on resume unless `retry_errors=true`); its relevancy rows stay.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any
+
 
 from pipeline.prompts import finding_synonyms
 from pipeline.stages.common import get_model, read_pil, shard_samples
 from pipeline.vocabulary import FINDINGS, label_column
 
 log = logging.getLogger(__name__)
+
+KEY = ("sample_id", "target_kind", "target_label", "token_start", "method")
 
 
 def select_targets(tokenizer, gen: dict[str, Any], sample: dict[str, Any], kinds, synonyms) -> tuple[list, list[str]]:
@@ -50,6 +65,59 @@ def _base_row(sample_id: str, method: str, shard: int) -> dict[str, Any]:
     return {"sample_id": sample_id, "method": method, "shard": shard}
 
 
+def sample_seed(seed: int, sample_id: str) -> int:
+    """Seed of a sample's random faithfulness floor: stable across runs, shards and resumes."""
+    return int.from_bytes(hashlib.sha256(f"{int(seed)}:{sample_id}".encode()).digest()[:8], "little")
+
+
+def _stored_pending(ctx, sample_ids: set[str], methods: list[str], done: set[tuple], skip: set[str]) -> dict[str, list]:
+    """Stored "ok" relevancy rows of `sample_ids` and `methods` whose key has no faithfulness row.
+
+    Returns sample_id -> [(key, token_end, image_map)]; maps are read only for those samples.
+    """
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    table = ctx.store.table("relevancy")
+    parts = table.parts()
+    if not parts:
+        return {}
+    keys = table.read(columns=[*KEY, "status"])
+    keys = keys[(keys["status"] == "ok") & keys["sample_id"].isin(sample_ids) & keys["method"].isin(methods)
+                & ~keys["sample_id"].isin(skip)]
+    rows = keys[list(KEY)].itertuples(index=False, name=None)
+    missing = np.fromiter((k not in done for k in rows), dtype=bool, count=len(keys))
+    keys = keys.loc[missing]
+    if keys.empty:
+        return {}
+    wanted = sorted(set(keys["sample_id"]))
+    df = ds.dataset([str(p) for p in parts], schema=table.spec.schema, format="parquet").to_table(
+        columns=[*KEY, "status", "token_end", "image_map"],
+        filter=ds.field("sample_id").isin(wanted) & (ds.field("status") == "ok"),
+    ).to_pandas()
+    df = df[df["method"].isin(methods)].drop_duplicates(list(KEY))
+    out: dict[str, list] = {}
+    for row in df.itertuples(index=False):
+        key = (row.sample_id, row.target_kind, row.target_label, int(row.token_start), row.method)
+        if key not in done:
+            out.setdefault(row.sample_id, []).append((key, int(row.token_end), row.image_map))
+    return out
+
+
+def _faithfulness_rows(loaded, inputs, pairs: list, cfg, sample_id: str, shard: int) -> list[dict[str, Any]]:
+    """faithfulness/ rows for `pairs` [(key, token_end, image_map)] of one sample."""
+    from pipeline.relevancy import Target, faithfulness_curves_batch
+
+    results = faithfulness_curves_batch(
+        loaded.model, inputs, [(Target(int(key[3]), int(end)), image_map) for key, end, image_map in pairs],
+        steps=int(cfg.metrics.faithfulness_steps),
+        baseline=cfg.metrics.faithfulness_baseline,
+        seed=sample_seed(cfg.explain.seed, sample_id),
+        batch_size=cfg.explain.perturbation_batch_size,
+    )
+    return [{**dict(zip(KEY, key)), **res.columns(), "shard": shard} for (key, _, _), res in zip(pairs, results)]
+
+
 def run(ctx) -> dict[str, Any]:
     import torch
 
@@ -60,6 +128,7 @@ def run(ctx) -> dict[str, Any]:
     methods = list(dict.fromkeys(cfg.explain.methods))
     kinds = set(cfg.explain.targets)
     synonyms = finding_synonyms(cfg.prompts)
+    faithfulness = bool(cfg.metrics.faithfulness)
     samples = shard_samples(ctx)
     gens = ctx.store.table("generations").read()
     gens = gens[gens["sample_id"].isin(set(samples["sample_id"]))]
@@ -67,66 +136,109 @@ def run(ctx) -> dict[str, Any]:
     for sid, method in ctx.store.table("relevancy").read(columns=["sample_id", "method"]).drop_duplicates().itertuples(index=False):
         done.setdefault(sid, set()).add(method)
     failed = ctx.store.error_keys("explain") if not cfg.retry_errors else set()
+    faith_done: set[tuple] = set()
+    faith_failed: set[str] = set()
+    pending: dict[str, list] = {}
+    if faithfulness:
+        faith_done = ctx.store.table("faithfulness").keys()
+        faith_failed = ctx.store.error_keys("faithfulness") if not cfg.retry_errors else set()
+        pending = _stored_pending(ctx, set(gens["sample_id"]), methods, faith_done, faith_failed)
     by_id = samples.set_index("sample_id", drop=False)
     todo = [g for g in gens.sort_values("sample_id").to_dict("records")
-            if g["sample_id"] not in failed and set(methods) - done.get(g["sample_id"], set())]
-    log.info("explain: %d generations in this shard, %d to do, methods=%s targets=%s",
-             len(gens), len(todo), methods, sorted(kinds))
+            if (g["sample_id"] not in failed and set(methods) - done.get(g["sample_id"], set()))
+            or g["sample_id"] in pending]
+    log.info("explain: %d generations in this shard, %d to do, methods=%s targets=%s faithfulness=%s",
+             len(gens), len(todo), methods, sorted(kinds), faithfulness)
+    summary = {"samples": len(gens), "explained": 0, "rows": 0, "errors": 0}
+    if faithfulness:
+        summary |= {"faithfulness_rows": 0, "faithfulness_errors": 0, "faithfulness_seconds": 0.0}
     if not todo:
-        return {"samples": len(gens), "explained": 0, "rows": 0, "errors": 0}
+        return summary
     loaded = get_model(ctx)
-    n_rows = n_err = n_ok = 0
-    with ctx.writer("relevancy") as writer:
+    occlusion = {
+        "occlusion_block": cfg.explain.occlusion_block,
+        "occlusion_baseline": cfg.explain.occlusion_baseline,
+        "perturbation_batch_size": cfg.explain.perturbation_batch_size,
+    }
+    with ctx.writer("relevancy") as writer, ctx.writer("faithfulness") as faith_writer:
         for gen in ctx.progress(todo, total=len(todo), desc="explain"):
             sid = gen["sample_id"]
             sample = by_id.loc[sid].to_dict()
-            todo_methods = [m for m in methods if m not in done.get(sid, set())]
-            t0 = time.perf_counter()
-            try:
-                targets, not_mentioned = select_targets(loaded.tokenizer, gen, sample, kinds, synonyms)
-                spans = list(dict.fromkeys((t.token_start, t.token_end) for t in targets))
-                out = None
-                if spans:
+            todo_methods = [] if sid in failed else [m for m in methods if m not in done.get(sid, set())]
+            cache: dict[str, Any] = {}
+
+            def inputs() -> dict[str, Any]:
+                if "inputs" not in cache:
                     image = read_pil(sample["image_path"], cfg.dataset.max_pixels)
-                    inputs = model_inputs_for_sequence(loaded, image, gen["sequence_ids"])
-                    out = explain_sequence(
-                        loaded.model, inputs["input_ids"], inputs["pixel_values"], inputs["token_type_ids"],
-                        [Target(s, e) for s, e in spans], todo_methods, attention_mask=inputs["attention_mask"],
-                        prompt_length=int(gen["prompt_length"]), chunk_size=cfg.explain.chunk_size,
-                        seed=cfg.explain.seed,
-                    )
-            except Exception as e:  # one sample failing (OOM, bad image) is an error row
-                if isinstance(e, torch.cuda.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                ctx.store.record_error("explain", sid, e, image_id=sample["image_id"], shard=ctx.shard)
-                n_err += 1
-                continue
-            seconds = (time.perf_counter() - t0) / max(len(spans), 1)
-            rows = []
-            for method in todo_methods:
-                for t in targets:
-                    res = out.results[spans.index((t.token_start, t.token_end))]
-                    mm = res.maps[method]
-                    rows.append({
-                        **_base_row(sid, method, ctx.shard),
-                        "target_kind": t.kind, "target_label": t.label,
-                        "token_start": t.token_start, "token_end": t.token_end,
-                        "char_start": t.char_start, "char_end": t.char_end, "matched_text": t.matched_text,
-                        "status": "ok", "grid_h": out.grid_h, "grid_w": out.grid_w,
-                        "image_map": mm.image_map.reshape(-1).tolist(),
-                        "text_map": None if mm.text_map is None else mm.text_map.tolist(),
-                        "target_score": res.score, "argmax_matches": out.argmax_matches,
-                        "image_tokens_ok": out.image_tokens_ok, "seconds": seconds,
-                    })
-                for label in not_mentioned:
-                    rows.append({**_base_row(sid, method, ctx.shard), "target_kind": "keywords" if label != "yes/no"
-                                 else "answer_token", "target_label": label, "token_start": -1, "token_end": -1,
-                                 "status": "not_mentioned"})
-                if not targets and not not_mentioned:
-                    rows.append({**_base_row(sid, method, ctx.shard), "target_kind": "", "target_label": "",
-                                 "token_start": -1, "token_end": -1, "status": "no_targets"})
-            writer.add(rows)
+                    cache["inputs"] = model_inputs_for_sequence(loaded, image, gen["sequence_ids"])
+                return cache["inputs"]
+
+            new_pairs: list = []
+            if todo_methods:
+                t0 = time.perf_counter()
+                try:
+                    targets, not_mentioned = select_targets(loaded.tokenizer, gen, sample, kinds, synonyms)
+                    spans = list(dict.fromkeys((t.token_start, t.token_end) for t in targets))
+                    out = None
+                    if spans:
+                        x = inputs()
+                        out = explain_sequence(
+                            loaded.model, x["input_ids"], x["pixel_values"], x["token_type_ids"],
+                            [Target(s, e) for s, e in spans], todo_methods, attention_mask=x["attention_mask"],
+                            prompt_length=int(gen["prompt_length"]), chunk_size=cfg.explain.chunk_size,
+                            seed=cfg.explain.seed, **occlusion,
+                        )
+                except Exception as e:  # one sample failing (OOM, bad image) is an error row
+                    if isinstance(e, torch.cuda.OutOfMemoryError):
+                        torch.cuda.empty_cache()
+                    ctx.store.record_error("explain", sid, e, image_id=sample["image_id"], shard=ctx.shard)
+                    summary["errors"] += 1
+                else:
+                    seconds = (time.perf_counter() - t0) / max(len(spans), 1)
+                    rows = []
+                    for method in todo_methods:
+                        for t in targets:
+                            res = out.results[spans.index((t.token_start, t.token_end))]
+                            mm = res.maps[method]
+                            rows.append({
+                                **_base_row(sid, method, ctx.shard),
+                                "target_kind": t.kind, "target_label": t.label,
+                                "token_start": t.token_start, "token_end": t.token_end,
+                                "char_start": t.char_start, "char_end": t.char_end, "matched_text": t.matched_text,
+                                "status": "ok", "grid_h": out.grid_h, "grid_w": out.grid_w,
+                                "image_map": mm.image_map.reshape(-1).tolist(),
+                                "text_map": None if mm.text_map is None else mm.text_map.tolist(),
+                                "target_score": res.score, "argmax_matches": out.argmax_matches,
+                                "image_tokens_ok": out.image_tokens_ok, "seconds": seconds,
+                            })
+                            key = (sid, t.kind, t.label, t.token_start, method)
+                            if key not in faith_done:
+                                new_pairs.append((key, t.token_end, mm.image_map))
+                        for label in not_mentioned:
+                            rows.append({**_base_row(sid, method, ctx.shard), "target_kind": "keywords"
+                                         if label != "yes/no" else "answer_token", "target_label": label,
+                                         "token_start": -1, "token_end": -1, "status": "not_mentioned"})
+                        if not targets and not not_mentioned:
+                            rows.append({**_base_row(sid, method, ctx.shard), "target_kind": "", "target_label": "",
+                                         "token_start": -1, "token_end": -1, "status": "no_targets"})
+                    writer.add(rows)
+                    summary["rows"] += len(rows)
+                    summary["explained"] += 1
+
+            pairs = pending.get(sid, []) + new_pairs
+            if faithfulness and pairs and sid not in faith_failed:
+                t0 = time.perf_counter()
+                try:
+                    faith_rows = _faithfulness_rows(loaded, inputs(), pairs, cfg, sid, ctx.shard)
+                except Exception as e:  # never a crash: an errors/ row for this sample
+                    if isinstance(e, torch.cuda.OutOfMemoryError):
+                        torch.cuda.empty_cache()
+                    ctx.store.record_error("faithfulness", sid, e, image_id=sample["image_id"], shard=ctx.shard)
+                    summary["faithfulness_errors"] += 1
+                else:
+                    faith_writer.add(faith_rows)
+                    summary["faithfulness_rows"] += len(faith_rows)
+                    summary["faithfulness_seconds"] += time.perf_counter() - t0
             writer.maybe_flush()
-            n_rows += len(rows)
-            n_ok += 1
-    return {"samples": len(gens), "explained": n_ok, "rows": n_rows, "errors": n_err}
+            faith_writer.maybe_flush()
+    return summary
