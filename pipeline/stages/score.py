@@ -1,0 +1,252 @@
+"""Stage `score`: map scores -> metrics/, prompt sensitivity -> sensitivity/, answers -> answers/.
+
+metrics/: one row per relevancy row with status "ok": every score of `metrics.score_map`, placed
+on the original image (non-uniform scaling), with localisation against the boxes of the target's
+own finding: a keyword target's finding, or the finding a yes/no prompt asks about for
+answer_token and answer_span targets (other targets are not localised). Pass/fail flags use the
+thresholds in `conf/metrics/`. Body masks are computed once per image and cached in
+`<run_dir>/cache/body_masks/`.
+
+sensitivity/: for each image, target and method, every pair of prompt variants that both have a
+map for it: Jensen-Shannon divergence (bits) and distance of their maps, both answers, their
+yes/no readings and whether they agree (null unless both are yes/no questions with a readable
+answer: yes, no or uncertain). The target is identified across variants by its finding
+(keywords: the finding named; answer_token and answer_span of yes/no prompts: the finding asked
+about; answer_span of free-text prompts: "answer"). Several occurrences in one answer are
+averaged (maps normalised to mass 1 first).
+
+answers/: each yes/no sample's answer read as yes / no / uncertain / unparsed, beside the
+dataset's label for the asked finding (positive, negative, uncertain and not mentioned apart).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.stages.common import shard_samples
+from pipeline.vocabulary import label_column
+
+log = logging.getLogger(__name__)
+
+FRONTAL = ("PA", "AP")
+SCORE_KEYS = ("mass", "inside_body_ratio", "border_fraction", "entropy_bits", "entropy_norm", "patient_left_fraction",
+              "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit", "box_mass_fraction",
+              "box_area_fraction", "box_iou", "body_area_fraction")
+KEYS = ["sample_id", "target_kind", "target_label", "token_start", "method"]
+
+
+def localisation_finding(target_kind: str, target_label: str, prompt_kind: str, prompt_finding: Any) -> str | None:
+    """The finding whose boxes a target is scored against (None: not localised)."""
+    if target_kind == "keywords":
+        return target_label
+    if target_kind in ("answer_token", "answer_span") and prompt_kind == "yes_no" and isinstance(prompt_finding, str):
+        return prompt_finding
+    return None
+
+
+def sensitivity_label(target_kind: str, target_label: str, prompt_kind: str, prompt_finding: Any) -> str | None:
+    """How a target is matched across prompt variants of one image (None: not compared)."""
+    if target_kind == "keywords":
+        return target_label
+    if target_kind in ("answer_token", "answer_span") and prompt_kind == "yes_no" and isinstance(prompt_finding, str):
+        return prompt_finding
+    if target_kind == "answer_span":
+        return "answer"
+    return None
+
+
+def finding_side(boxes: list[dict], width: int) -> str | None:
+    """Patient side of a finding's boxes: a box centred on the image's right half is on the
+    patient's left (radiological convention). Boxes on both sides: "bilateral"."""
+    if not boxes:
+        return None
+    sides = {"left" if b["x"] + b["w"] / 2 > width / 2 else "right" for b in boxes}
+    return sides.pop() if len(sides) == 1 else "bilateral"
+
+
+def _is_frontal(view: str) -> bool:
+    return str(view or "").upper().split(" ")[0] in FRONTAL if view else False
+
+
+class BodyMaskCache:
+    """Body masks computed once per image, kept in memory and as PNGs under the run directory."""
+
+    def __init__(self, root: Path, max_pixels: int):
+        self.root = root
+        self.max_pixels = max_pixels
+        self.memory: dict[str, np.ndarray] = {}
+
+    def get(self, image_path: str, digest: str) -> np.ndarray:
+        if digest in self.memory:
+            return self.memory[digest]
+        from PIL import Image
+
+        path = self.root / f"{digest}.png"
+        if path.is_file():
+            mask = np.asarray(Image.open(path)) > 0
+        else:
+            import metrics
+            from pipeline.images import read_image
+
+            mask = metrics.body_mask(read_image(image_path, max_pixels=self.max_pixels).pixels)
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{path.name}")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+            tmp.replace(path)
+        if len(self.memory) > 256:
+            self.memory.clear()
+        self.memory[digest] = mask
+        return mask
+
+
+def _flags(s: dict[str, float], view: str, mcfg) -> dict[str, Any]:
+    def ok(value: float, test) -> bool | None:
+        return None if value is None or np.isnan(value) else bool(test(value))
+
+    lo, hi = mcfg.left_fraction_range
+    return {
+        "pass_inside_body": ok(s["inside_body_ratio"], lambda v: v >= mcfg.min_inside_body_ratio),
+        "pass_border": ok(s["border_fraction"], lambda v: v <= mcfg.max_border_fraction),
+        "pass_entropy": ok(s["entropy_norm"], lambda v: v <= mcfg.max_entropy_norm),
+        "pass_laterality_balance": ok(s["patient_left_fraction"], lambda v: lo <= v <= hi) if _is_frontal(view) else None,
+    }
+
+
+def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame) -> tuple[int, int]:
+    import metrics
+
+    cfg = ctx.cfg
+    done = ctx.store.table("metrics").keys()
+    rel = rel[[tuple(k) not in done for k in rel[KEYS].itertuples(index=False, name=None)]]
+    if rel.empty:
+        return 0, 0
+    masks = BodyMaskCache(ctx.store.root / "cache" / "body_masks", cfg.dataset.max_pixels)
+    by_id = samples.set_index("sample_id")
+    n_rows = n_err = 0
+    with ctx.writer("metrics") as writer:
+        groups = rel.groupby("image_id", sort=True)
+        for image_id, grp in ctx.progress(groups, total=groups.ngroups, desc="score"):
+            first = by_id.loc[grp["sample_id"].iloc[0]]
+            try:
+                mask = masks.get(first["image_path"], first["image_sha256"])
+            except Exception as e:  # e.g. a constant image has no body to find
+                for sid in grp["sample_id"].unique():
+                    ctx.store.record_error("score", sid, e, image_id=image_id, shard=ctx.shard)
+                    n_err += 1
+                continue
+            scorers: dict[Any, Any] = {}
+            for r in grp.to_dict("records"):
+                s = by_id.loc[r["sample_id"]]
+                finding = localisation_finding(r["target_kind"], r["target_label"], s["prompt_kind"], s["prompt_finding"])
+                boxes = [b for b in (s["boxes"] if s["boxes"] is not None else []) if finding and b["finding"] == finding]
+                key = (finding if boxes else None, s["view_position"])
+                if key not in scorers:
+                    scorers[key] = metrics.MapScorer(mask, s["view_position"], [(b["x"], b["y"], b["w"], b["h"]) for b in boxes] or None)
+                grid = np.asarray(r["image_map"], dtype=np.float64).reshape(int(r["grid_h"]), int(r["grid_w"]))
+                sc = scorers[key].score(grid)
+                writer.add({
+                    **{k: r[k] for k in KEYS},
+                    "image_id": image_id, "prompt_id": s["prompt_id"], "prompt_kind": s["prompt_kind"],
+                    "view_position": s["view_position"], "finding": finding,
+                    "finding_side": finding_side(boxes, int(s["width"])), "n_boxes": len(boxes),
+                    **{k: sc.get(k, np.nan) for k in SCORE_KEYS},
+                    **_flags(sc, s["view_position"], cfg.metrics),
+                    "shard": ctx.shard,
+                })
+                n_rows += 1
+            writer.maybe_flush()
+    return n_rows, n_err
+
+
+def _normalised(grid: np.ndarray) -> np.ndarray | None:
+    total = float(grid.sum())
+    return None if not np.isfinite(total) or total <= 0 else grid / total
+
+
+def _sensitivity_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, gens: pd.DataFrame) -> int:
+    import metrics
+
+    cfg = ctx.cfg
+    s = samples.set_index("sample_id")
+    answer_of = dict(zip(gens["sample_id"], gens["answer"]))
+    rel = rel.join(s[["prompt_id", "prompt_kind", "prompt_finding", "prompt_style", "format_instruction"]], on="sample_id")
+    rel["group"] = [sensitivity_label(k, lab, pk, pf) for k, lab, pk, pf in
+                    zip(rel["target_kind"], rel["target_label"], rel["prompt_kind"], rel["prompt_finding"])]
+    rel = rel[rel["group"].notna()]
+    done = ctx.store.table("sensitivity").keys()
+    rows = []
+    for (image_id, kind, group, method), grp in rel.groupby(["image_id", "target_kind", "group", "method"], sort=True):
+        maps = {}
+        for sid, sub in grp.groupby("sample_id"):
+            normed = [_normalised(np.asarray(m, np.float64)) for m in sub["image_map"]]
+            normed = [m for m in normed if m is not None]
+            if normed:
+                maps[sid] = np.mean(normed, axis=0)
+        for a, b in itertools.combinations(sorted(maps), 2):
+            pa, pb = s.loc[a], s.loc[b]
+            key = (image_id, kind, group, method, pa["prompt_id"], pb["prompt_id"])
+            if key in done:
+                continue
+            js = metrics.js_divergence(maps[a], maps[b])
+            parsed = [metrics.parse_yes_no(answer_of.get(x, "")) if p["prompt_kind"] == "yes_no" else None
+                      for x, p in ((a, pa), (b, pb))]
+            rows.append({
+                "image_id": image_id, "target_kind": kind, "target_label": group, "method": method,
+                "prompt_a": pa["prompt_id"], "prompt_b": pb["prompt_id"], "style_a": pa["prompt_style"],
+                "style_b": pb["prompt_style"], "format_a": bool(pa["format_instruction"]),
+                "format_b": bool(pb["format_instruction"]), "js_divergence": js, "js_distance": float(np.sqrt(js)),
+                "answer_a": answer_of.get(a), "answer_b": answer_of.get(b), "parsed_a": parsed[0], "parsed_b": parsed[1],
+                "answers_agree": None if None in parsed or "unparsed" in parsed else parsed[0] == parsed[1],
+                "pass_js": None if np.isnan(js) else bool(js <= cfg.metrics.max_js_divergence), "shard": ctx.shard,
+            })
+    with ctx.writer("sensitivity") as writer:
+        writer.add(rows)
+    return len(rows)
+
+
+LABEL_STATES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
+
+
+def _answer_rows(ctx, samples: pd.DataFrame, gens: pd.DataFrame) -> int:
+    import metrics
+
+    done = {k[0] for k in ctx.store.table("answers").keys()}
+    yn = samples[(samples["prompt_kind"] == "yes_no") & ~samples["sample_id"].isin(done)]
+    answer_of = dict(zip(gens["sample_id"], gens["answer"]))
+    rows = []
+    for r in yn.to_dict("records"):
+        if r["sample_id"] not in answer_of:
+            continue
+        label = r[label_column(r["prompt_finding"])]
+        label = None if label is None or np.isnan(label) else float(label)
+        parsed = metrics.parse_yes_no(answer_of[r["sample_id"]])
+        definite = parsed in ("yes", "no") and label in (0.0, 1.0)
+        rows.append({
+            "sample_id": r["sample_id"], "image_id": r["image_id"], "prompt_id": r["prompt_id"],
+            "finding": r["prompt_finding"], "answer": answer_of[r["sample_id"]], "parsed": parsed, "label": label,
+            "label_state": LABEL_STATES.get(label, "not_mentioned"),
+            "correct": (parsed == "yes") == (label == 1.0) if definite else None, "shard": ctx.shard,
+        })
+    with ctx.writer("answers") as writer:
+        writer.add(rows)
+    return len(rows)
+
+
+def run(ctx) -> dict[str, Any]:
+    samples = shard_samples(ctx)
+    ids = set(samples["sample_id"])
+    rel = ctx.store.table("relevancy").read(
+        columns=KEYS + ["status", "grid_h", "grid_w", "image_map"])
+    rel = rel[(rel["status"] == "ok") & rel["sample_id"].isin(ids)]
+    rel = rel.join(samples.set_index("sample_id")[["image_id"]], on="sample_id")
+    gens = ctx.store.table("generations").read(columns=["sample_id", "answer"])
+    gens = gens[gens["sample_id"].isin(ids)]
+    n_metrics, n_err = _metrics_rows(ctx, samples, rel)
+    n_sens = _sensitivity_rows(ctx, samples, rel, gens)
+    n_answers = _answer_rows(ctx, samples, gens)
+    return {"metrics_rows": n_metrics, "sensitivity_rows": n_sens, "answer_rows": n_answers, "errors": n_err}

@@ -1,0 +1,93 @@
+"""Stage score on the demo: one metrics row per explained target and method, localisation against
+the target's own finding, thresholds, prompt-sensitivity pairs, answers against labels; resume."""
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import metrics
+from conftest import run_pipeline
+
+OVERRIDES = ["stages=[load,generate,explain,score]", "dataset.n=4", "prompts=sensitivity",
+             "prompts.only_findings=[Pleural Effusion]", "generate.max_new_tokens=6",
+             "explain.methods=[chefer,raw_attention,random]", "metrics.max_border_fraction=0.2"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("score_run")
+    run_pipeline([*OVERRIDES, f"run_dir={d}", f"model.name_or_path={tiny_model_dir}", "model.device=cpu"])
+    return d
+
+
+def test_metrics_rows_match_relevancy_and_recompute(run_dir):
+    rel = pd.read_parquet(run_dir / "relevancy")
+    ok = rel[rel["status"] == "ok"]
+    m = pd.read_parquet(run_dir / "metrics")
+    keys = ["sample_id", "target_kind", "target_label", "token_start", "method"]
+    assert len(m) == len(ok) and not m.duplicated(keys).any()
+    samples = pd.read_parquet(run_dir / "samples").set_index("sample_id")
+    row = m.merge(ok, on=keys).iloc[0]
+    s = samples.loc[row["sample_id"]]
+    masks = list((run_dir / "cache" / "body_masks").glob("*.png"))
+    assert len(masks) == samples["image_id"].nunique()  # one cached mask per image
+    from pipeline.images import read_image
+
+    body = metrics.body_mask(read_image(s["image_path"]).pixels)
+    boxes = [(b["x"], b["y"], b["w"], b["h"]) for b in s["boxes"] if b["finding"] == row["finding"]]
+    grid = np.asarray(row["image_map"]).reshape(int(row["grid_h"]), int(row["grid_w"]))
+    expect = metrics.score_map(grid, body, s["view_position"], boxes or None)
+    for k in ("inside_body_ratio", "border_fraction", "entropy_bits", "patient_left_fraction", "box_mass_fraction"):
+        assert row[k] == pytest.approx(expect[k], rel=1e-5, nan_ok=True), k
+
+
+def test_localisation_uses_the_targets_own_finding(run_dir):
+    m = pd.read_parquet(run_dir / "metrics")
+    yn = m[m["prompt_kind"] == "yes_no"]
+    assert set(yn["finding"]) == {"Pleural Effusion"}
+    free = m[(m["prompt_kind"] == "free_text") & (m["target_kind"] == "answer_span")]
+    assert free["finding"].isna().all() and free["pointing_hit"].isna().all()
+    with_boxes = m[m["n_boxes"] > 0]
+    assert with_boxes["box_mass_fraction"].notna().all() and with_boxes["finding_side"].isin(["left", "right", "bilateral"]).all()
+
+
+def test_flags_follow_the_thresholds(run_dir):
+    m = pd.read_parquet(run_dir / "metrics")
+    assert (m["pass_inside_body"] == (m["inside_body_ratio"] >= 0.7)).all()
+    assert (m["pass_border"] == (m["border_fraction"] <= 0.2)).all()
+    frontal = m["view_position"].isin(["PA", "AP"])
+    assert m.loc[~frontal, "pass_laterality_balance"].isna().all()
+
+
+def test_sensitivity_pairs(run_dir):
+    sens = pd.read_parquet(run_dir / "sensitivity")
+    samples = pd.read_parquet(run_dir / "samples")
+    n_variants = samples[samples["prompt_finding"] == "Pleural Effusion"].groupby("image_id")["prompt_id"].nunique()
+    span = sens[(sens["target_kind"] == "answer_span") & (sens["target_label"] == "Pleural Effusion")
+                & (sens["method"] == "chefer")]
+    for image_id, k in n_variants.items():
+        assert (span["image_id"] == image_id).sum() == len(list(combinations(range(k), 2)))
+    assert sens["js_divergence"].between(0, 1).all()
+    np.testing.assert_allclose(sens["js_distance"] ** 2, sens["js_divergence"], rtol=1e-5)
+    assert ((sens["style_a"] != sens["style_b"]) | (sens["format_a"] != sens["format_b"])).any()
+
+
+def test_answers_against_labels(run_dir):
+    a = pd.read_parquet(run_dir / "answers")
+    samples = pd.read_parquet(run_dir / "samples").set_index("sample_id")
+    assert set(a["sample_id"]) == set(samples.index[samples["prompt_kind"] == "yes_no"])
+    states = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
+    for r in a.itertuples():
+        lab = samples.loc[r.sample_id, "label_pleural_effusion"]
+        assert r.label_state == states.get(None if np.isnan(lab) else lab, "not_mentioned")
+        assert r.parsed == metrics.parse_yes_no(r.answer)
+
+
+def test_score_resume_adds_nothing(run_dir, tiny_model_dir):
+    before = {t: len(pd.read_parquet(run_dir / t)) for t in ("metrics", "sensitivity", "answers")}
+    run_pipeline([*OVERRIDES, f"run_dir={run_dir}", f"model.name_or_path={tiny_model_dir}", "model.device=cpu",
+                  "stages=[score]"])
+    assert before == {t: len(pd.read_parquet(run_dir / t)) for t in before}
