@@ -21,12 +21,13 @@ Definitions (m = the raw map, non-negative; M = sum of m; every fraction is of M
   coverage) / M (coverage by the union of boxes); box_area_fraction = union area / image area,
   the expected box_mass_fraction of a uniform map (the random floor); box_iou = intersection over
   union, at image resolution, of the boxes' union and the map binarised by Otsu's threshold over
-  its cell values (each pixel takes the cell containing its centre). NaN without boxes.
+  its cell values (exact, over sorted values; each pixel takes the cell containing its centre). NaN without boxes.
 - mass = M; body_area_fraction = body pixels / image pixels.
 Every score is NaN for a map with no mass (M <= 0) or non-finite values.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -76,21 +77,27 @@ def boxes_to_mask(boxes: Sequence[Box], h: int, w: int) -> np.ndarray:
     return out
 
 
-def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float | None:
-    """Otsu's threshold over a set of values (None when they are all equal)."""
-    lo, hi = float(values.min()), float(values.max())
-    if not hi > lo:
+@functools.lru_cache(maxsize=16)
+def _split_weights(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    k = np.arange(1, n, dtype=np.float64)
+    return k, n - k, (k / n) * (1 - k / n)
+
+
+def _otsu_threshold(values: np.ndarray) -> float | None:
+    """Otsu's threshold over a set of values, exact: the split between consecutive sorted values
+    maximising the between-class variance w0 * w1 * (mu0 - mu1)^2. Values above the returned
+    threshold are the foreground. None when all values are equal."""
+    v = np.sort(values.ravel())
+    n = v.size
+    if n < 2 or not v[-1] > v[0]:
         return None
-    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    p = hist / hist.sum()
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(p)
-    mu = np.cumsum(p * centres)
-    w1 = 1.0 - w0
-    valid = (w0 > 0) & (w1 > 0)
-    between = np.zeros_like(w0)
-    between[valid] = (mu[-1] * w0[valid] - mu[valid]) ** 2 / (w0[valid] * w1[valid])
-    return float(edges[int(np.argmax(between)) + 1])
+    csum = np.cumsum(v)
+    k, n_minus_k, w0w1 = _split_weights(n)  # class 0 = the k smallest values
+    mu0 = csum[:-1] / k
+    mu1 = (csum[-1] - csum[:-1]) / n_minus_k
+    between = w0w1 * (mu0 - mu1) ** 2
+    between[v[1:] == v[:-1]] = -1.0  # only split between distinct values
+    return float(v[int(np.argmax(between))])
 
 
 class _Geometry:
@@ -103,7 +110,7 @@ class _Geometry:
         self.coverage = ((cy @ body.astype(np.float64) @ cx.T) / area).ravel()
         ring = np.ones((gh, gw), bool)
         ring[1:-1, 1:-1] = False
-        self.border = ring.ravel()
+        self.border = ring.ravel().astype(np.float64)
         # patient's left = image right half, split by area
         right = overlap_matrix(gw, w, lo=w / 2).sum(axis=1) / (w / gw)
         self.left_weight = np.tile(right, gh)
@@ -185,7 +192,7 @@ class MapScorer:
         entropy = float(-(nz * np.log2(nz)).sum())
         cells = m.size
         out["inside_body_ratio"] = float(p @ geo.coverage)
-        out["border_fraction"] = float(p[geo.border].sum())
+        out["border_fraction"] = float(p @ geo.border)
         out["entropy_bits"] = entropy
         out["entropy_norm"] = entropy / math.log2(cells) if cells > 1 else math.nan
         out["patient_left_fraction"] = float(p @ geo.left_weight) if self.frontal else math.nan
