@@ -119,7 +119,9 @@ class MetricsConfig:
     max_entropy_norm: float = 0.85
     max_js_divergence: float = 0.2
     left_fraction_range: List[float] = field(default_factory=lambda: [0.3, 0.7])
-    faithfulness: bool = False  # deletion / insertion curves (needs the model; explain stage)
+    # deletion / insertion curves (need the model: computed in the explain stage).
+    # null: on for the embedded demo, off for other datasets (they cost forward passes per map).
+    faithfulness: Optional[bool] = None
     faithfulness_steps: int = 8
     faithfulness_baseline: str = "mean"  # mean | zero
 
@@ -159,6 +161,12 @@ def register_configs() -> None:
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="prompts", name="prompts_schema", node=PromptsConfig)
+
+
+def faithfulness_enabled(cfg: Any) -> bool:
+    """`metrics.faithfulness`, where null means: on for dataset=demo, off otherwise."""
+    f = cfg.metrics.faithfulness
+    return cfg.dataset.name == "demo" if f is None else bool(f)
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -1,5 +1,5 @@
 """Stage `explain`: relevancy maps for the targets of every generated answer -> relevancy/,
-and (`metrics.faithfulness=true`) deletion / insertion curves of those maps -> faithfulness/.
+and (`metrics.faithfulness`; default: on for the demo only) deletion / insertion curves of those maps -> faithfulness/.
 
 Per sample: the targets named by `explain.targets` are found in the answer, de-duplicated by
 token span, and explained by every method of `explain.methods` with ONE forward pass over the
@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 
+from pipeline.config import faithfulness_enabled
 from pipeline.prompts import finding_synonyms
 from pipeline.stages.common import get_model, read_pil, shard_samples
 from pipeline.vocabulary import FINDINGS, label_column
@@ -128,7 +129,7 @@ def run(ctx) -> dict[str, Any]:
     methods = list(dict.fromkeys(cfg.explain.methods))
     kinds = set(cfg.explain.targets)
     synonyms = finding_synonyms(cfg.prompts)
-    faithfulness = bool(cfg.metrics.faithfulness)
+    faithfulness = faithfulness_enabled(cfg)
     samples = shard_samples(ctx)
     gens = ctx.store.table("generations").read()
     gens = gens[gens["sample_id"].isin(set(samples["sample_id"]))]
