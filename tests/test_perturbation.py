@@ -324,7 +324,7 @@ def test_explain_stage_writes_faithfulness_and_resumes(tmp_path, tiny_model_dir,
 
     # faithfulness turned on later: computed from the stored maps; a failure is an errors/ row
     run_b = tmp_path / "b"
-    run_pipeline(_overrides(tiny_model_dir, run_b))
+    run_pipeline(_overrides(tiny_model_dir, run_b, "metrics.faithfulness=false"))
     assert not (run_b / "faithfulness").exists()
 
     def fail(*args, **kwargs):

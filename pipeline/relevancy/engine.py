@@ -303,7 +303,7 @@ def explain_sequence(
         grid: (grid_h, grid_w) of the image tokens; default the square root of their count.
         chunk_size: targets per batched gradient call (bounds memory: the gradients of
             ``chunk_size`` targets w.r.t. every layer's probabilities are held at once).
-        seed: base seed of the ``random`` method (per target: ``(seed, target index)``).
+        seed: base seed of the ``random`` method (per target: ``(seed, start, end)``; the explain stage derives ``seed`` from ``explain.seed`` and the sample id).
         truncate: forward only ``input_ids[:, :max end]`` (later positions cannot influence the
             explained logits); the argmax check then covers that prefix only.
         batched: use batched vector-Jacobian products (falls back per target on failure).
@@ -538,7 +538,7 @@ def explain_sequence(
         per_method: dict[str, MethodMap] = {}
         for m in methods:
             if m == "random":
-                rng = np.random.default_rng([int(seed), ti])
+                rng = np.random.default_rng([int(seed), int(t.start), int(t.end)])
                 per_method[m] = MethodMap(image_map=rng.random((grid_h, grid_w), dtype=np.float32))
             elif m in TEXT_MAP_METHODS:
                 row = maps_cpu[m][ti]  # (n_fwd,)

@@ -187,7 +187,7 @@ def run(ctx) -> dict[str, Any]:
                             loaded.model, x["input_ids"], x["pixel_values"], x["token_type_ids"],
                             [Target(s, e) for s, e in spans], todo_methods, attention_mask=x["attention_mask"],
                             prompt_length=int(gen["prompt_length"]), chunk_size=cfg.explain.chunk_size,
-                            seed=cfg.explain.seed, **occlusion,
+                            seed=sample_seed(cfg.explain.seed, sid), **occlusion,
                         )
                 except Exception as e:  # one sample failing (OOM, bad image) is an error row
                     if isinstance(e, torch.cuda.OutOfMemoryError):
