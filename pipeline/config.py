@@ -105,7 +105,8 @@ class GenerateConfig:
 class ExplainConfig:
     targets: List[str] = field(default_factory=lambda: ["keywords", "answer_token", "answer_span"])
     methods: List[str] = field(default_factory=lambda: ["chefer", "raw_attention", "random"])
-    chunk_size: int = 8  # targets whose gradients are computed together
+    chunk_size: int = 8  # targets whose gradients are computed together (at most)
+    memory_budget_gb: Optional[float] = None  # cap on those targets' gradient memory (GiB); null: none
     seed: int = 0  # seed of the random floor
     occlusion_block: int = 1  # occlusion: k x k blocks of image tokens
     occlusion_baseline: str = "mean"  # what replaces an occluded token's embedding: mean | zero
@@ -212,6 +213,8 @@ def validate(cfg: Any) -> None:
     for key in ("explain.occlusion_block", "explain.perturbation_batch_size", "metrics.faithfulness_steps"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
+    if cfg.explain.memory_budget_gb is not None and cfg.explain.memory_budget_gb <= 0:
+        raise ConfigError(f"explain.memory_budget_gb={cfg.explain.memory_budget_gb} must be > 0 (or null)")
     if cfg.explain.chunk_size < 1:
         raise ConfigError(f"explain.chunk_size={cfg.explain.chunk_size} must be >= 1")
     if cfg.flush_rows < 1:

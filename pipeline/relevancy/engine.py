@@ -192,6 +192,24 @@ def _as_target(t: Target | tuple[int, int]) -> Target:
     raise TypeError(f"expected a Target or a (start, end) pair, got {t!r}")
 
 
+def gradient_bytes_per_target(model: nn.Module, seq_len: int, embed_grad: bool = True) -> int:
+    """Bytes one target's gradients occupy in a batched chunk: the gradient of its score w.r.t.
+    every layer's attention probabilities (layers x heads x N x N, model dtype), one float32
+    N x N product per layer while propagating, and the gradient w.r.t. the input embeddings."""
+    text = getattr(model.config, "text_config", model.config)
+    layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+    hidden = int(text.hidden_size)
+    _, dtype = _model_device_dtype(model)
+    item = torch.finfo(dtype).bits // 8
+    n2 = seq_len * seq_len
+    return layers * heads * n2 * item + n2 * 4 + (seq_len * hidden * item if embed_grad else 0)
+
+
+def chunk_for_budget(model: nn.Module, seq_len: int, budget_bytes: float, cap: int) -> int:
+    """Targets per gradient chunk so that their gradients fit `budget_bytes` (at least 1, at most `cap`)."""
+    return max(1, min(int(cap), int(budget_bytes // gradient_bytes_per_target(model, seq_len))))
+
+
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     param = next(model.parameters())
     return param.device, param.dtype

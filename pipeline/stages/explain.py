@@ -66,6 +66,16 @@ def _base_row(sample_id: str, method: str, shard: int) -> dict[str, Any]:
     return {"sample_id": sample_id, "method": method, "shard": shard}
 
 
+def _chunk(cfg, model, seq_len: int) -> int:
+    """Targets per gradient chunk: explain.chunk_size, lowered to fit explain.memory_budget_gb."""
+    from pipeline.relevancy.engine import chunk_for_budget
+
+    budget = cfg.explain.memory_budget_gb
+    if budget is None:
+        return cfg.explain.chunk_size
+    return chunk_for_budget(model, seq_len, budget * 2**30, cfg.explain.chunk_size)
+
+
 def sample_seed(seed: int, sample_id: str) -> int:
     """Seed of a sample's random faithfulness floor: stable across runs, shards and resumes."""
     return int.from_bytes(hashlib.sha256(f"{int(seed)}:{sample_id}".encode()).digest()[:8], "little")
@@ -186,7 +196,7 @@ def run(ctx) -> dict[str, Any]:
                         out = explain_sequence(
                             loaded.model, x["input_ids"], x["pixel_values"], x["token_type_ids"],
                             [Target(s, e) for s, e in spans], todo_methods, attention_mask=x["attention_mask"],
-                            prompt_length=int(gen["prompt_length"]), chunk_size=cfg.explain.chunk_size,
+                            prompt_length=int(gen["prompt_length"]), chunk_size=_chunk(cfg, loaded.model, max(e for _, e in spans)),
                             seed=sample_seed(cfg.explain.seed, sid), **occlusion,
                         )
                 except Exception as e:  # one sample failing (OOM, bad image) is an error row
