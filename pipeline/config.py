@@ -13,22 +13,12 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from pipeline.method_names import ALL_METHODS
+
 STAGES: tuple[str, ...] = ("load", "generate", "explain", "score", "report")
 DATASETS: tuple[str, ...] = ("mimic_cxr", "nih_cxr14", "manifest", "demo")
 TARGET_KINDS: tuple[str, ...] = ("keywords", "answer_token", "answer_span", "answer_tokens")
-METHODS: tuple[str, ...] = (
-    "chefer",
-    "raw_attention",
-    "rollout",
-    "layer_weighted",
-    "head_importance",
-    "attention_flow",
-    "consensus",
-    "gradcam",
-    "activation_norm",
-    "random",
-    "occlusion",
-)
+METHODS: tuple[str, ...] = ALL_METHODS
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 PROMPT_KINDS: tuple[str, ...] = ("free_text", "yes_no")
 

@@ -37,23 +37,9 @@ import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pipeline.vocabulary import CHEXPERT_FINDINGS
 
-CHEXPERT_COLUMNS: tuple[str, ...] = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Consolidation",
-    "Edema",
-    "Enlarged Cardiomediastinum",
-    "Fracture",
-    "Lung Lesion",
-    "Lung Opacity",
-    "No Finding",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Pneumonia",
-    "Pneumothorax",
-    "Support Devices",
-)
+CHEXPERT_COLUMNS: tuple[str, ...] = CHEXPERT_FINDINGS  # MIMIC-CXR label file columns, in order
 # Phantom labels: the 14 CheXpert columns plus Nodule (which CheXpert folds into Lung Lesion).
 LABEL_NAMES: tuple[str, ...] = CHEXPERT_COLUMNS + ("Nodule",)
 

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.method_names import ALL_METHODS, CAPTURED_METHODS, PERTURBATION_METHODS
+
 from .capture import capture
 from .methods import (
     abar,
@@ -59,23 +61,7 @@ __all__ = [
     "explain_sequence",
 ]
 
-METHODS: tuple[str, ...] = (
-    "chefer",
-    "raw_attention",
-    "rollout",
-    "layer_weighted",
-    "head_importance",
-    "attention_flow",
-    "consensus",
-    "gradcam",
-    "activation_norm",
-    "random",
-)
-#: Methods that re-run the model on perturbed inputs instead of reading the one captured forward
-#: pass (kept out of :data:`METHODS`, whose methods all come from that single pass).
-PERTURBATION_METHODS: tuple[str, ...] = ("occlusion",)
-#: Every name :func:`explain_sequence` accepts.
-ALL_METHODS: tuple[str, ...] = METHODS + PERTURBATION_METHODS
+METHODS: tuple[str, ...] = CAPTURED_METHODS
 GRADIENT_METHODS: frozenset[str] = frozenset({"chefer", "gradcam"})
 TEXT_MAP_METHODS: frozenset[str] = frozenset({"chefer", "raw_attention", "rollout"})
 _ATTENTION_BASELINES = frozenset({"layer_weighted", "head_importance", "attention_flow", "consensus"})

@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from .capture import find_language_model
-from .engine import Target
+from .engine import Target, _grid
 
 __all__ = [
     "BASELINES",
@@ -202,18 +202,6 @@ def _as_target(t: Target | tuple[int, int]) -> Target:
     if isinstance(t, (tuple, list)) and len(t) == 2:
         return Target(int(t[0]), int(t[1]))
     raise TypeError(f"expected a Target or a (start, end) pair, got {t!r}")
-
-
-def _square_grid(count: int, grid: tuple[int, int] | None) -> tuple[int, int]:
-    if grid is not None:
-        gh, gw = int(grid[0]), int(grid[1])
-        if gh * gw != count:
-            raise ValueError(f"grid {gh}x{gw} does not match the {count} image tokens")
-        return gh, gw
-    side = math.isqrt(count)
-    if side * side != count:
-        raise ValueError(f"{count} image tokens is not a perfect square; pass grid=(h, w)")
-    return side, side
 
 
 @contextmanager
@@ -653,7 +641,7 @@ def occlusion_maps(
     if perturber is None:
         perturber = ImagePerturber(model, inputs, baseline=baseline, batch_size=batch_size)
     m = perturber.num_image_tokens
-    gh, gw = _square_grid(m, grid)
+    gh, gw = _grid(m, grid)
     blocks = occlusion_blocks(gh, gw, int(block))
     masks = np.zeros((len(blocks) + 1, m), dtype=bool)  # row 0: unperturbed
     for i, tokens in enumerate(blocks):
