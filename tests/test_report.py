@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import NIH_SUBSET, run_pipeline
+from conftest import NIH_SUBSET, compose, run_pipeline
 
 METHODS = ["chefer", "raw_attention", "rollout", "random"]
 GH = GW = 16
@@ -425,7 +425,9 @@ def test_partial_run_only_samples(tmp_path):
     for table in ("metrics", "answers", "sensitivity", "faithfulness", "relevancy"):
         assert f"No `{table}` rows in this run" in md
     assert "No invocation loaded the model yet" in md
-    assert "samples (image x prompt) | 18" in md
+    n_samples = len(pd.read_parquet(d / "samples"))
+    assert n_samples == 3 * len(compose([]).prompts.variants)
+    assert f"samples (image x prompt) | {n_samples}" in md
     assert "<img" not in html and not (d / "report" / "token_explorer.html").exists()
 
 

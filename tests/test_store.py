@@ -52,7 +52,7 @@ def test_manifest_and_identity(tmp_path):
     assert m["packages"]["pyarrow"] and m["packages"]["python"]
     assert "commit" in m["git"]
     assert m["dataset_fingerprint"]["selected_images"] == 3 and len(m["dataset_fingerprint"]["sha256"]) == 64
-    assert m["stages"]["load"]["rows"] == 18 and "finished_utc" in m
+    assert m["stages"]["load"]["rows"] == 3 * len(m["config"]["prompts"]["variants"]) and "finished_utc" in m
     # the same run dir with another prompt set would mix incompatible rows: refused, naming the key
     with pytest.raises(ConfigError, match="prompts"):
         run_pipeline(base + ["prompts=findings"])
