@@ -1,15 +1,23 @@
 """Scores of relevancy maps: pure numpy / scipy / OpenCV functions, no torch, no model.
 
-Public API: `body_mask`, `score_map`, `MapScorer`, `cell_coverage`, `boxes_to_mask`,
-`js_divergence`, `js_distance`, `parse_yes_no`, `classification_summary`. Conventions (stated in
-each docstring): maps are raw non-negative grids placed on the original image by non-uniform
-scaling; "left" is the patient's left (the image's right on a frontal radiograph); entropies and
-divergences are in bits.
-"""
-from metrics.answers import classification_summary, parse_yes_no
-from metrics.body import body_mask, to_grey01
-from metrics.divergence import js_distance, js_divergence
-from metrics.maps import FRONTAL_VIEWS, MapScorer, boxes_to_mask, cell_coverage, is_frontal, score_map
+Public API:
+- body masks: `body_mask` (and its helpers `to_grey01`, `tissue_is_dark`);
+- map scores: `score_map`, `MapScorer` (cached per image; `.score`, `.score_many`), `SCORE_KEYS`,
+  `cell_coverage`, `boxes_to_mask`, `is_frontal`, `FRONTAL_VIEWS`;
+- map comparison: `js_divergence` (bits, 0..1), `js_distance` (its square root);
+- answers: `parse_yes_no`, `classification_summary`, `ANSWER_STATES`.
 
-__all__ = ["FRONTAL_VIEWS", "MapScorer", "body_mask", "boxes_to_mask", "cell_coverage", "classification_summary",
-           "is_frontal", "js_distance", "js_divergence", "parse_yes_no", "score_map", "to_grey01"]
+Conventions (stated in each docstring): maps are raw non-negative grids placed on the original
+image by non-uniform scaling (cell (i, j) covers x in [j W/gw, (j+1) W/gw), y in [i H/gh,
+(i+1) H/gh)); "left" is the patient's left, the image's RIGHT half on a frontal radiograph;
+entropies and divergences are in bits; boxes are (x, y, w, h) in original-image pixels.
+"""
+from metrics.answers import ANSWER_STATES, classification_summary, parse_yes_no
+from metrics.body import body_mask, tissue_is_dark, to_grey01
+from metrics.divergence import js_distance, js_divergence
+from metrics.maps import (FRONTAL_VIEWS, SCORE_KEYS, MapScorer, boxes_to_mask, cell_coverage, is_frontal,
+                          score_map)
+
+__all__ = ["ANSWER_STATES", "FRONTAL_VIEWS", "SCORE_KEYS", "MapScorer", "body_mask", "boxes_to_mask",
+           "cell_coverage", "classification_summary", "is_frontal", "js_distance", "js_divergence", "parse_yes_no",
+           "score_map", "tissue_is_dark", "to_grey01"]
