@@ -98,6 +98,7 @@ class ExplainConfig:
     chunk_size: int = 8  # targets whose gradients are computed together (at most)
     memory_budget_gb: Optional[float] = None  # cap on those targets' gradient memory (GiB); null: none
     seed: int = 0  # seed of the random floor
+    explorer_samples: int = 8  # first sample of this many images: every answer token explained too
     occlusion_block: int = 1  # occlusion: k x k blocks of image tokens
     occlusion_baseline: str = "mean"  # what replaces an occluded token's embedding: mean | zero
     perturbation_batch_size: int = 16  # perturbed variants per forward pass (occlusion, faithfulness)
@@ -200,6 +201,8 @@ def validate(cfg: Any) -> None:
         _check_choice("explain.methods", m, METHODS)
     _check_choice("explain.occlusion_baseline", cfg.explain.occlusion_baseline, ("mean", "zero"))
     _check_choice("metrics.faithfulness_baseline", cfg.metrics.faithfulness_baseline, ("mean", "zero"))
+    if cfg.explain.explorer_samples < 0:
+        raise ConfigError(f"explain.explorer_samples={cfg.explain.explorer_samples} must be >= 0")
     for key in ("explain.occlusion_block", "explain.perturbation_batch_size", "metrics.faithfulness_steps"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")

@@ -292,7 +292,8 @@ KEY = ["sample_id", "target_kind", "target_label", "token_start", "method"]
 def _overrides(model_dir, run_dir, *extra: str) -> list[str]:
     return [f"model.name_or_path={model_dir}", "model.device=cpu", "dataset.n=4", "dataset.limit=2",
             "prompts=findings", "generate.max_new_tokens=8", "explain.targets=[answer_span]",
-            "explain.methods=[chefer,random,occlusion]", "stages=[load,generate,explain]", f"run_dir={run_dir}",
+            "explain.methods=[chefer,random,occlusion]", "explain.explorer_samples=0", "stages=[load,generate,explain]",
+            f"run_dir={run_dir}",
             *extra]
 
 

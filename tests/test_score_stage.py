@@ -46,8 +46,10 @@ def test_metrics_rows_match_relevancy_and_recompute(run_dir):
 
 def test_localisation_uses_the_targets_own_finding(run_dir):
     m = pd.read_parquet(run_dir / "metrics")
-    yn = m[m["prompt_kind"] == "yes_no"]
+    yn = m[(m["prompt_kind"] == "yes_no") & m["target_kind"].isin(["answer_token", "answer_span"])]
     assert set(yn["finding"]) == {"Pleural Effusion"}
+    tokens = m[m["target_kind"] == "answer_tokens"]  # explained for the token explorer only
+    assert len(tokens) > 0 and tokens["finding"].isna().all()
     free = m[(m["prompt_kind"] == "free_text") & (m["target_kind"] == "answer_span")]
     assert free["finding"].isna().all() and free["pointing_hit"].isna().all()
     with_boxes = m[m["n_boxes"] > 0]

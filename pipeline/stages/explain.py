@@ -62,6 +62,24 @@ def select_targets(tokenizer, gen: dict[str, Any], sample: dict[str, Any], kinds
     return targets, not_mentioned
 
 
+def explorer_samples(gens, n: int) -> set[str]:
+    """Samples whose every answer token is explained too (target kind answer_tokens), for the
+    report's token explorer: the first sample (by id) of each of the first `n` images."""
+    if n <= 0 or gens.empty:
+        return set()
+    ids = sorted(gens["sample_id"])
+    first: dict[str, str] = {}
+    for sid in ids:
+        first.setdefault(sid.rsplit(":", 1)[0], sid)
+    return set(list(first.values())[:n])
+
+
+def _faithful_kind(kind: str, kinds: set[str]) -> bool:
+    """Faithfulness curves are computed for the configured target kinds, not for the per-token
+    targets added only for the token explorer."""
+    return kind != "answer_tokens" or "answer_tokens" in kinds
+
+
 def _base_row(sample_id: str, method: str, shard: int) -> dict[str, Any]:
     return {"sample_id": sample_id, "method": method, "shard": shard}
 
@@ -154,6 +172,9 @@ def run(ctx) -> dict[str, Any]:
         faith_done = ctx.store.table("faithfulness").keys()
         faith_failed = ctx.store.error_keys("faithfulness") if not cfg.retry_errors else set()
         pending = _stored_pending(ctx, set(gens["sample_id"]), methods, faith_done, faith_failed)
+        pending = {sid: [p for p in pairs if _faithful_kind(p[0][1], kinds)] for sid, pairs in pending.items()}
+        pending = {sid: pairs for sid, pairs in pending.items() if pairs}
+    explorer = explorer_samples(gens, cfg.explain.explorer_samples)
     by_id = samples.set_index("sample_id", drop=False)
     todo = [g for g in gens.sort_values("sample_id").to_dict("records")
             if (g["sample_id"] not in failed and set(methods) - done.get(g["sample_id"], set()))
@@ -188,7 +209,8 @@ def run(ctx) -> dict[str, Any]:
             if todo_methods:
                 t0 = time.perf_counter()
                 try:
-                    targets, not_mentioned = select_targets(loaded.tokenizer, gen, sample, kinds, synonyms)
+                    sample_kinds = kinds | {"answer_tokens"} if sid in explorer else kinds
+                    targets, not_mentioned = select_targets(loaded.tokenizer, gen, sample, sample_kinds, synonyms)
                     spans = list(dict.fromkeys((t.token_start, t.token_end) for t in targets))
                     out = None
                     if spans:
@@ -223,7 +245,7 @@ def run(ctx) -> dict[str, Any]:
                                 "image_tokens_ok": out.image_tokens_ok, "seconds": seconds,
                             })
                             key = (sid, t.kind, t.label, t.token_start, method)
-                            if key not in faith_done:
+                            if key not in faith_done and _faithful_kind(t.kind, kinds):
                                 new_pairs.append((key, t.token_end, mm.image_map))
                         for label in not_mentioned:
                             rows.append({**_base_row(sid, method, ctx.shard), "target_kind": "keywords"
