@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from .capture import find_language_model
-from .engine import Target, _grid
+from .engine import Target, _as_target, _grid
 
 __all__ = [
     "BASELINES",
@@ -194,14 +194,6 @@ def _field(inputs: Mapping[str, Any] | Any, name: str) -> Any:
     if isinstance(inputs, Mapping):
         return inputs.get(name)
     return getattr(inputs, name, None)
-
-
-def _as_target(t: Target | tuple[int, int]) -> Target:
-    if isinstance(t, Target):
-        return t
-    if isinstance(t, (tuple, list)) and len(t) == 2:
-        return Target(int(t[0]), int(t[1]))
-    raise TypeError(f"expected a Target or a (start, end) pair, got {t!r}")
 
 
 @contextmanager
