@@ -138,7 +138,7 @@ def identity_section(data: RunData, generated_utc: str) -> Section:
         ("created (UTC)", data.run_manifest.get("created_utc")),
         ("report generated (UTC)", generated_utc),
         ("invocations (manifests/)", len(data.manifests)),
-        ("shards seen", ", ".join(str(s) for s in shards) or "–"),
+        ("shard ids seen", ", ".join(str(s) for s in shards) or "–"),
     ], caption="Run"))
     if model:
         model_pairs = [("model id / path", model.get("name_or_path")), ("config name", model.get("config_name")),
