@@ -17,7 +17,8 @@ from pipeline.method_names import ALL_METHODS
 
 STAGES: tuple[str, ...] = ("load", "generate", "explain", "score", "report")
 DATASETS: tuple[str, ...] = ("mimic_cxr", "nih_cxr14", "manifest", "demo")
-TARGET_KINDS: tuple[str, ...] = ("keywords", "answer_token", "answer_span", "answer_tokens")
+SIDE_MARKER_MODES: tuple[str, ...] = ("default", "none", "lesion_side", "opposite")
+TARGET_KINDS: tuple[str, ...] = ("keywords", "laterality", "answer_token", "answer_span", "answer_tokens")
 METHODS: tuple[str, ...] = ALL_METHODS
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 PROMPT_KINDS: tuple[str, ...] = ("free_text", "yes_no")
@@ -47,6 +48,7 @@ class DatasetConfig:
     max_pixels: int = 60_000_000  # decompression-bomb guard (width x height)
     seed: int = 0  # demo: phantom generator seed
     n: int = 24  # demo: number of phantom images
+    side_markers: str = "default"  # demo: default | none | lesion_side | opposite (see conf/dataset/demo.yaml)
 
 
 @dataclass
@@ -93,7 +95,7 @@ class GenerateConfig:
 
 @dataclass
 class ExplainConfig:
-    targets: List[str] = field(default_factory=lambda: ["keywords", "answer_token", "answer_span"])
+    targets: List[str] = field(default_factory=lambda: ["keywords", "laterality", "answer_token", "answer_span"])
     methods: List[str] = field(default_factory=lambda: ["chefer", "raw_attention", "random"])
     chunk_size: int = 8  # targets whose gradients are computed together (at most)
     memory_budget_gb: Optional[float] = None  # cap on those targets' gradient memory (GiB); null: none
@@ -184,6 +186,7 @@ def validate(cfg: Any) -> None:
     if d.limit is not None and d.limit < 0:
         raise ConfigError(f"dataset.limit={d.limit} must be >= 0")
     _check_choice("dataset.labeler", d.labeler, ("chexpert", "negbio"))
+    _check_choice("dataset.side_markers", d.side_markers, SIDE_MARKER_MODES)
     if d.name == "manifest" and not d.path:
         raise ConfigError("dataset.path is required for dataset=manifest (a CSV or Parquet file)")
     if d.name in ("mimic_cxr", "nih_cxr14") and not d.root:

@@ -310,12 +310,30 @@ def _resolved_commit(model: Any, repo_id: str, revision: str | None, local_files
     return None
 
 
+#: A local model directory may carry its own held-out validation (the demo models do:
+#: `python -m pipeline.train_demo --evaluate DIR --json DIR/evaluation.json`); `describe` puts it
+#: in the manifest and the report shows it.
+VALIDATION_FILE = "evaluation.json"
+
+
+def _validation_of(name_or_path: str) -> dict[str, Any] | None:
+    path = Path(name_or_path) / VALIDATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {"error": f"{path} could not be read: {e}"}
+
+
 def describe(loaded: LoadedModel) -> dict[str, Any]:
-    """JSON-serialisable facts about the loaded model, for the run manifest."""
+    """JSON-serialisable facts about the loaded model, for the run manifest (with the model
+    directory's VALIDATION_FILE under "validation" when it has one)."""
     cfg = loaded.model.config
     return json.loads(
         json.dumps(
             {
+                "validation": _validation_of(loaded.name_or_path),
                 "name_or_path": loaded.name_or_path,
                 "revision": loaded.revision,
                 "resolved_revision": loaded.resolved_revision,

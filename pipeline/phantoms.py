@@ -1057,8 +1057,27 @@ def _demo_ids(seed: int, i: int) -> tuple[str, str, str, str]:
     return dicom, str(subject), str(study), h
 
 
-def demo_plan(n: int, seed: int, lateral_fraction: float) -> list[dict]:
-    """Per-image generation arguments of the demo dataset (deterministic in n, seed)."""
+SIDE_MARKER_MODES = ("default", "none", "lesion_side", "opposite")
+
+
+def _marker_for(mode: str, i: int, side: str | None) -> str | None:
+    """Side-marker argument of demo image i: "default" puts a random letter on every fifth image;
+    "lesion_side" / "opposite" put on every image whose first finding has a side the letter of
+    that side / of the other side (a random letter where there is no side)."""
+    if mode == "default":
+        return "auto" if i % 5 == 1 else None
+    if mode == "none":
+        return None
+    if side is None:
+        return "auto"
+    letter = "L" if side == "left" else "R"
+    return letter if mode == "lesion_side" else {"L": "R", "R": "L"}[letter]
+
+
+def demo_plan(n: int, seed: int, lateral_fraction: float, side_markers: str = "default") -> list[dict]:
+    """Per-image generation arguments of the demo dataset (deterministic in n, seed, side_markers)."""
+    if side_markers not in SIDE_MARKER_MODES:
+        raise ValueError(f"side_markers must be one of {SIDE_MARKER_MODES}, got {side_markers!r}")
     prng = np.random.default_rng([seed, 0x5EED])
     n_lat = int(round(n * lateral_fraction))
     lat_idx = {int((k + 0.5) * n / n_lat) for k in range(n_lat)} if n_lat else set()
@@ -1068,13 +1087,13 @@ def demo_plan(n: int, seed: int, lateral_fraction: float) -> list[dict]:
     for i in range(n):
         w, h = DEMO_SHAPES[(i + shape_offset) % len(DEMO_SHAPES)]
         p: dict = {"width": w, "height": h, "edge_to_edge": i % 8 == 5,
-                   "side_marker": "auto" if i % 5 == 1 else None}
+                   "side_marker": _marker_for(side_markers, i, None)}
         if i in lat_idx:
             p.update(view="LATERAL", findings=None, side=None, zone=None, support_devices=False)
         else:
             f, s, z = _DEMO_CYCLE[j % len(_DEMO_CYCLE)]
             p.update(view="AP" if j % 3 == 2 else "PA", findings=list(f), side=s, zone=z,
-                     support_devices=(j % 5 == 3))
+                     support_devices=(j % 5 == 3), side_marker=_marker_for(side_markers, i, s))
             j += 1
         plan.append(p)
     perm = prng.permutation(n)
@@ -1085,19 +1104,20 @@ def demo_plan(n: int, seed: int, lateral_fraction: float) -> list[dict]:
     return plan
 
 
-def write_demo_dataset(root: str | Path, *, n: int = 24, seed: int = 0, lateral_fraction: float = 0.1) -> dict:
+def write_demo_dataset(root: str | Path, *, n: int = 24, seed: int = 0, lateral_fraction: float = 0.1,
+                       side_markers: str = "default") -> dict:
     """Write n phantoms in the MIMIC-CXR-JPG 2.x layout under root; returns a summary dict.
 
     Files: files/pXX/pSUBJECT/sSTUDY/DICOM.jpg (greyscale JPEG, quality 95) and sSTUDY.txt
     (report); mimic-cxr-2.0.0-{metadata,chexpert,negbio,split}.csv.gz (gzip mtime 0);
     MS_CXR_Local_Alignment_v1.1.0.csv (boxes in the JPG's pixels); lung_masks/DICOM.png (0/1/2);
     phantom_truth.csv (one row per lesion, a row with finding "" for images without one).
-    Byte-identical for equal (n, seed, lateral_fraction). The negbio file equals the chexpert one.
+    Byte-identical for equal (n, seed, lateral_fraction, side_markers). The negbio file equals the chexpert one.
     """
     t0 = time.perf_counter()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    plan = demo_plan(n, seed, lateral_fraction)
+    plan = demo_plan(n, seed, lateral_fraction, side_markers)
     meta, labels_rows, split_rows, box_rows, truth_rows = [], [], [], [], []
     used_studies: set[str] = set()
     counts: dict[str, int] = {}

@@ -31,18 +31,20 @@ __all__ = [
     "answer_tokens_targets",
     "decode_answer",
     "keyword_targets",
+    "laterality_targets",
     "special_token_ids",
 ]
 
 _YES_NO = re.compile(r"(?<!\w)(yes|no)(?!\w)", re.IGNORECASE)
+_SIDE = re.compile(r"(?<!\w)(left|right)(?!\w)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class TargetSpan:
     """Explained tokens ``sequence_ids[token_start:token_end]`` and the answer text they cover."""
 
-    kind: str  # "keywords" | "answer_token" | "answer_span" | "answer_tokens"
-    label: str  # finding name, the word (yes/no or token text), or "answer"
+    kind: str  # "keywords" | "laterality" | "answer_token" | "answer_span" | "answer_tokens"
+    label: str  # finding name (keywords, laterality), the word (yes/no or token text), or "answer"
     token_start: int
     token_end: int
     char_start: int
@@ -175,6 +177,44 @@ def keyword_targets(
         )
     found = {t.label for t in targets}
     return targets, [label for label in findings if label not in found]
+
+
+def laterality_targets(
+    tokenizer: Any,
+    sequence_ids: Sequence[int],
+    prompt_length: int,
+    findings: Mapping[str, Sequence[str]],
+    prompt_finding: str | None = None,
+) -> list[TargetSpan]:
+    """One target per whole word "left" / "right" of the answer, labelled with the finding it
+    places: the first finding named in the same sentence (sentences end at ".", ";" or a
+    newline), else ``prompt_finding`` (the finding a yes/no question asks about). A side word
+    with neither is skipped. ``matched_text`` is the side word as written.
+    """
+    text, spans = answer_char_offsets(tokenizer, sequence_ids, prompt_length)
+    named = keyword_targets(tokenizer, sequence_ids, prompt_length, findings)[0]
+    out: list[TargetSpan] = []
+    for m in _SIDE.finditer(text):
+        start = max(text.rfind(c, 0, m.start()) for c in ".;\n") + 1
+        ends = [i for i in (text.find(c, m.end()) for c in ".;\n") if i >= 0]
+        end = min(ends) if ends else len(text)
+        in_sentence = [t.label for t in named if t.char_start >= start and t.char_end <= end]
+        label = in_sentence[0] if in_sentence else prompt_finding
+        rng = _token_range(spans, m.start(), m.end())
+        if not label or rng is None:
+            continue
+        out.append(
+            TargetSpan(
+                kind="laterality",
+                label=label,
+                token_start=prompt_length + rng[0],
+                token_end=prompt_length + rng[1],
+                char_start=m.start(),
+                char_end=m.end(),
+                matched_text=m.group(0),
+            )
+        )
+    return out
 
 
 def answer_token_target(tokenizer: Any, sequence_ids: Sequence[int], prompt_length: int) -> TargetSpan | None:

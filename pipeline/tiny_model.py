@@ -225,12 +225,21 @@ def build_tiny_gemma3(
     sliding_window: int = 24,
     layer_types: Sequence[str] | None = None,
     max_position_embeddings: int = 512,
+    intermediate_size: int | None = None,
+    vision_layers: int = 1,
+    vision_hidden: int = 32,
+    vision_intermediate: int | None = None,
+    vision_heads: int = 2,
 ) -> Path:
     """Write a tiny Gemma 3 model + processor to ``out_dir`` and return its path.
 
     ``layer_types`` defaults to alternating sliding / full attention (starting with sliding).
     ``sliding_window`` should exceed ``mm_tokens_per_image`` (as 1024 > 256 in MedGemma) and be
     shorter than a typical prompt so that the window is exercised.
+    ``intermediate_size`` defaults to ``2 * hidden``; the SigLIP vision tower has
+    ``vision_layers`` encoder layers (0: patch and position embeddings only) of width
+    ``vision_hidden`` with ``vision_heads`` heads and an MLP of ``vision_intermediate``
+    (default ``2 * vision_hidden``).
     """
     from transformers import (
         Gemma3Config,
@@ -271,7 +280,7 @@ def build_tiny_gemma3(
     text_config = Gemma3TextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=int(intermediate_size) if intermediate_size is not None else hidden * 2,
         num_hidden_layers=text_layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -285,10 +294,10 @@ def build_tiny_gemma3(
         eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
     )
     vision_config = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        hidden_size=int(vision_hidden),
+        intermediate_size=int(vision_intermediate) if vision_intermediate is not None else 2 * int(vision_hidden),
+        num_hidden_layers=int(vision_layers),
+        num_attention_heads=int(vision_heads),
         image_size=image_size,
         patch_size=patch_size,
         vision_use_head=False,

@@ -129,6 +129,8 @@ def write_report(run_dir: str | os.PathLike, opts: S.Options, thresholds: dict[s
         failed: list[str] = []
         sections = [
             _safe("identity", lambda: S.identity_section(data, generated), failed),
+            *([_safe("model_validation", lambda: S.model_validation_section(data), failed)]
+              if data.model.get("validation") else []),
             _safe("counts", lambda: S.counts_section(data), failed),
             _safe("scores", lambda: S.scores_section(data, opts, thr), failed),
             _safe("answers", lambda: S.answers_section(data), failed),

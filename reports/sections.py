@@ -35,7 +35,7 @@ SCORES: tuple[str, ...] = ("inside_body_ratio", "border_fraction", "entropy_bits
                            "pointing_hit", "box_mass_fraction", "box_iou")
 PASS_COLUMNS: tuple[str, ...] = ("pass_inside_body", "pass_border", "pass_entropy", "pass_laterality_balance")
 TARGET_KEY = ["sample_id", "target_kind", "target_label", "token_start"]
-KIND_ORDER = ("keywords", "answer_token", "answer_span", "answer_tokens")
+KIND_ORDER = ("keywords", "laterality", "answer_token", "answer_span", "answer_tokens")
 LABEL_STATES = ("positive", "negative", "uncertain", "not_mentioned")
 PARSED = ("yes", "no", "uncertain", "unparsed")
 STAGE_OF = {"generations": "generate", "relevancy": "explain", "metrics": "score", "sensitivity": "score",
@@ -210,6 +210,35 @@ def identity_section(data: RunData, generated_utc: str) -> Section:
                         or ", ".join(c.get("stages") or []) + " (unfinished)",
                         "commit": _s((m.get("git") or {}).get("commit"))[:12]})
         sec.add(Table("invocations", pd.DataFrame(inv), caption="Invocations", max_rows=50, collapsed=len(inv) > 8))
+    return sec
+
+
+def model_validation_section(data: RunData) -> Section:
+    """The model directory's own held-out validation (its evaluation.json, recorded in the
+    manifest by pipeline.model.describe): "summary" (name -> value), "tables" (name -> records)
+    and "notes" (sentences). These numbers were measured when the model was made, on held-out
+    data, not on this run's images."""
+    val = data.model.get("validation") or {}
+    sec = Section("model_validation", "Model validation (shipped with the model)")
+    if "error" in val:
+        sec.add(Note(str(val["error"])))
+        return sec
+    sec.add(Paragraph(str(val.get("about") or "Held-out validation recorded with the model directory.")))
+    summary = val.get("summary") or {}
+    if summary:
+        sec.add(kv_table("model_validation_summary", [(k, fmt_num(v) if isinstance(v, float) else v)
+                                                      for k, v in summary.items()], caption="Summary"))
+    for name, records in (val.get("tables") or {}).items():
+        df = pd.DataFrame(records)
+        if df.empty:
+            continue
+        shown = df.copy()
+        for c in shown.columns:
+            if pd.api.types.is_float_dtype(shown[c]):
+                shown[c] = [fmt_num(v) for v in shown[c]]
+        sec.add(Table(f"model_validation_{name}", shown, caption=name.replace("_", " ").capitalize(), data=df))
+    for text in val.get("notes") or []:
+        sec.add(Note(str(text)))
     return sec
 
 

@@ -48,6 +48,7 @@ def test_wrong_type_fails_naming_it():
     ("dataset.shard=3", "dataset.shard"),
     ("explain.methods=[chefer,gradcamm]", "explain.methods"),
     ("explain.targets=[keyword]", "explain.targets"),
+    ("dataset.side_markers=sometimes", "dataset.side_markers"),
     ("model.dtype=fp8", "model.dtype"),
     ("dataset=manifest", "dataset.path"),
     ("prompts.only_findings=[Pleural Efusion]", "Pleural Efusion"),

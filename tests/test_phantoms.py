@@ -383,3 +383,23 @@ def test_demo_readable_by_mimic_loader(demo):
     assert len(recs) == 24
     for r in recs:
         assert Path(r.image_path).is_file() and r.report_text and r.lung_mask_path
+
+
+def test_demo_side_marker_modes():
+    from pipeline.phantoms import demo_plan
+
+    default = demo_plan(24, 0, 0.1)
+    assert [p["side_marker"] for p in default] == ["auto" if i % 5 == 1 else None for i in range(24)]
+    assert demo_plan(24, 0, 0.1, "none") == [dict(p, side_marker=None) for p in default]
+    for mode, flip in (("lesion_side", False), ("opposite", True)):
+        plan = demo_plan(24, 0, 0.1, mode)
+        assert [{k: v for k, v in p.items() if k != "side_marker"} for p in plan] == \
+            [{k: v for k, v in p.items() if k != "side_marker"} for p in default]
+        for p in plan:
+            if p.get("side") is None:
+                assert p["side_marker"] == "auto"
+            else:
+                same = "L" if p["side"] == "left" else "R"
+                assert p["side_marker"] == ({"L": "R", "R": "L"}[same] if flip else same)
+    with pytest.raises(ValueError, match="side_markers"):
+        demo_plan(24, 0, 0.1, "sometimes")

@@ -491,3 +491,51 @@ def test_explorer_clicks_change_the_overlay(reported, tmp_path):
     assert result["selected_after"] == result["clicked_word"] != result["selected_before"]
     assert result["method_changed"]
     assert all(Path(p).stat().st_size > 0 for p in result["screenshots"])
+
+
+def test_compare_runs_means_and_labels(run_dir, tmp_path):
+    """reports.compare: one row per run x target kind x method x score, means equal to metrics/."""
+    from reports.compare import SCORES, compare_runs, format_table, main
+    from reports.data import load_run
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    for p in (other / "manifests").glob("*.json"):
+        m = json.loads(p.read_text())
+        if m.get("model"):
+            m["model"]["config_name"] = "other_model"
+        p.write_text(json.dumps(m))
+    long = compare_runs([run_dir, other], target_kinds=["keywords"], n_resamples=200)
+    assert set(long["run"]) == {"medgemma_4b", "other_model"}
+    assert set(long["target_kind"]) == {"keywords"} and set(long["score"]) == set(SCORES)
+    metrics = load_run(run_dir).table("metrics")
+    kw = metrics[metrics["target_kind"] == "keywords"]
+    for method, g in kw.groupby("method"):
+        row = long[(long["run"] == "medgemma_4b") & (long["method"] == method) & (long["score"] == "border_fraction")]
+        assert row["mean"].item() == pytest.approx(float(g["border_fraction"].mean()), rel=1e-6)
+        assert row["ci_low"].item() <= row["mean"].item() <= row["ci_high"].item()
+        ratio = (g["box_mass_fraction"] / g["box_area_fraction"]).dropna()
+        row = long[(long["run"] == "other_model") & (long["method"] == method) & (long["score"] == "box_mass_ratio")]
+        assert row["n"].item() == len(ratio)
+    text = format_table(long)
+    assert "other_model" in text and "pointing_hit" in text
+    assert main([str(run_dir), "--target-kind", "keywords", "--csv", str(tmp_path / "c.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "c.csv")) == kw["method"].nunique() * len(SCORES)
+
+
+def test_model_validation_section_shows_the_shipped_card(run_dir):
+    """A model directory's evaluation.json (recorded in the manifest's model entry) becomes a section."""
+    card = {"about": "Held-out phantoms.", "summary": {"yes/no accuracy (default prompts)": 0.975, "variant": "clean"},
+            "tables": {"localisation": [{"kind": "keyword", "method": "chefer", "pointing": 0.9, "n": 10}]},
+            "notes": ["A caveat."]}
+    for p in (run_dir / "manifests").glob("*.json"):
+        m = json.loads(p.read_text())
+        if m.get("model"):
+            m["model"]["validation"] = card
+        p.write_text(json.dumps(m))
+    make_report(run_dir)
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "Model validation (shipped with the model)" in md
+    assert "0.975" in md and "A caveat." in md
+    table = pd.read_csv(run_dir / "report" / "tables" / "model_validation_localisation.csv")
+    assert table["pointing"].tolist() == [0.9]

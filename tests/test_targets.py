@@ -16,6 +16,7 @@ from pipeline.targets import (
     answer_tokens_targets,
     decode_answer,
     keyword_targets,
+    laterality_targets,
     special_token_ids,
 )
 from pipeline.tiny_model import build_tiny_gemma3
@@ -176,6 +177,23 @@ def test_keywords_overlapping_labels_longest_wins(tok: Any) -> None:
 
 
 # --- yes/no, span, tokens ------------------------------------------------------------------------
+
+
+def test_laterality_targets_place_the_finding_of_their_sentence(tok: Any) -> None:
+    answer = "Left pleural effusion. The right lung is clear; cleft of the right apical pneumothorax."
+    seq, plen = make(tok, answer)
+    ts = laterality_targets(tok, seq, plen, FINDINGS)
+    assert [(t.matched_text, t.label) for t in ts] == [("Left", "Pleural Effusion"), ("right", "Pneumothorax")]
+    assert all(t.kind == "laterality" for t in ts)
+    assert [explained_text(tok, seq, t).strip() for t in ts] == ["Left", "right"]
+    assert answer[ts[1].char_start : ts[1].char_end] == "right" and ts[1].char_start > answer.index("cleft")
+
+
+def test_laterality_targets_fall_back_to_the_asked_finding(tok: Any) -> None:
+    seq, plen = make(tok, "yes. left lower zone.")
+    assert laterality_targets(tok, seq, plen, FINDINGS) == []  # no finding named, none asked
+    (t,) = laterality_targets(tok, seq, plen, FINDINGS, prompt_finding="Consolidation")
+    assert (t.label, t.matched_text, explained_text(tok, seq, t).strip()) == ("Consolidation", "left", "left")
 
 
 def test_answer_token_target(tok: Any) -> None:

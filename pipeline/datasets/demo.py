@@ -20,9 +20,10 @@ from pipeline.datasets.mimic_cxr import MimicCXR, read_csv
 REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 
 
-def demo_root(seed: int, n: int, root: str | None = None) -> Path:
+def demo_root(seed: int, n: int, root: str | None = None, side_markers: str = "default") -> Path:
     """Where the demo files live; generated there (atomically) if absent."""
-    target = Path(root) if root else REPO_DATA / "demo_cache" / f"seed{seed}_n{n}"
+    suffix = "" if side_markers == "default" else f"_markers-{side_markers}"
+    target = Path(root) if root else REPO_DATA / "demo_cache" / f"seed{seed}_n{n}{suffix}"
     if (target / "phantom_truth.csv").is_file():
         return target
     from pipeline.phantoms import write_demo_dataset
@@ -30,7 +31,7 @@ def demo_root(seed: int, n: int, root: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
     try:
-        write_demo_dataset(tmp, n=n, seed=seed)
+        write_demo_dataset(tmp, n=n, seed=seed, side_markers=side_markers)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first (or a stale empty dir): keep theirs
@@ -46,7 +47,7 @@ class DemoPhantoms(MimicCXR):
     name = "demo"
 
     def __init__(self, cfg):
-        super().__init__(cfg, root=demo_root(cfg.seed, cfg.n, cfg.root), name="demo")
+        super().__init__(cfg, root=demo_root(cfg.seed, cfg.n, cfg.root, cfg.side_markers), name="demo")
         self.truth_file = self.root / "phantom_truth.csv"
 
     def source_files(self) -> list[Path]:

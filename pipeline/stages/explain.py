@@ -38,7 +38,13 @@ KEY = ("sample_id", "target_kind", "target_label", "token_start", "method")
 
 def select_targets(tokenizer, gen: dict[str, Any], sample: dict[str, Any], kinds, synonyms) -> tuple[list, list[str]]:
     """(targets, not-mentioned finding labels) of one generated answer."""
-    from pipeline.targets import answer_span_target, answer_token_target, answer_tokens_targets, keyword_targets
+    from pipeline.targets import (
+        answer_span_target,
+        answer_token_target,
+        answer_tokens_targets,
+        keyword_targets,
+        laterality_targets,
+    )
 
     seq, plen = list(gen["sequence_ids"]), int(gen["prompt_length"])
     targets, not_mentioned = [], []
@@ -49,6 +55,9 @@ def select_targets(tokenizer, gen: dict[str, Any], sample: dict[str, Any], kinds
         if isinstance(sample.get("prompt_finding"), str) and sample["prompt_finding"]:
             wanted.add(sample["prompt_finding"])
         not_mentioned += sorted(f for f in wanted if f in missing or f not in synonyms)
+    if "laterality" in kinds:
+        asked = sample.get("prompt_finding") if sample.get("prompt_kind") == "yes_no" else None
+        targets += laterality_targets(tokenizer, seq, plen, synonyms, asked if isinstance(asked, str) else None)
     if "answer_token" in kinds and sample.get("prompt_kind") == "yes_no":
         t = answer_token_target(tokenizer, seq, plen)
         if t is None:

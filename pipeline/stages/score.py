@@ -2,8 +2,9 @@
 
 metrics/: one row per relevancy row with status "ok": every score of `metrics.score_map`, placed
 on the original image (non-uniform scaling), with localisation against the boxes of the target's
-own finding: a keyword target's finding, or the finding a yes/no prompt asks about for
-answer_token and answer_span targets (other targets are not localised). Pass/fail flags use the
+own finding: a keyword target's finding, a laterality word's finding (the one it places), or the
+finding a yes/no prompt asks about for answer_token and answer_span targets (other targets are
+not localised). Pass/fail flags use the
 thresholds in `conf/metrics/`. Body masks are computed once per image and cached in
 `<run_dir>/cache/body_masks/`.
 
@@ -11,7 +12,7 @@ sensitivity/: for each image, target and method, every pair of prompt variants t
 map for it: Jensen-Shannon divergence (bits) and distance of their maps, both answers, their
 yes/no readings and whether they agree (null unless both are yes/no questions with a readable
 answer: yes, no or uncertain). The target is identified across variants by its finding
-(keywords: the finding named; answer_token and answer_span of yes/no prompts: the finding asked
+(keywords and laterality: the finding named or placed; answer_token and answer_span of yes/no prompts: the finding asked
 about; answer_span of free-text prompts: "answer"). Several occurrences in one answer are
 averaged (maps normalised to mass 1 first).
 
@@ -42,7 +43,7 @@ KEYS = ["sample_id", "target_kind", "target_label", "token_start", "method"]
 
 def localisation_finding(target_kind: str, target_label: str, prompt_kind: str, prompt_finding: Any) -> str | None:
     """The finding whose boxes a target is scored against (None: not localised)."""
-    if target_kind == "keywords":
+    if target_kind in ("keywords", "laterality"):
         return target_label
     if target_kind in ("answer_token", "answer_span") and prompt_kind == "yes_no" and isinstance(prompt_finding, str):
         return prompt_finding
@@ -51,7 +52,7 @@ def localisation_finding(target_kind: str, target_label: str, prompt_kind: str, 
 
 def sensitivity_label(target_kind: str, target_label: str, prompt_kind: str, prompt_finding: Any) -> str | None:
     """How a target is matched across prompt variants of one image (None: not compared)."""
-    if target_kind == "keywords":
+    if target_kind in ("keywords", "laterality"):
         return target_label
     if target_kind in ("answer_token", "answer_span") and prompt_kind == "yes_no" and isinstance(prompt_finding, str):
         return prompt_finding
