@@ -236,6 +236,31 @@ def _fmt_mem(x: float | None) -> str:
     return "n/a" if x is None else f"{x:8.1f} MiB"
 
 
+def profile_engine(run: Callable[[], object], forward: Callable[[], object], device: str, top: int = 12) -> None:
+    """Where one engine call spends its time: the engine's own phase timings (forward with
+    attention capture, batched vector-Jacobian products + Chefer propagation, attention-only
+    methods), beside a plain forward, and torch.profiler's operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run(), forward()  # warm-up
+    t0 = time.perf_counter()
+    forward()
+    _sync(device)
+    t_fwd = time.perf_counter() - t0
+    out = run()
+    phases = {k: v for k, v in out.timings.items() if k != "total"}
+    total = out.timings.get("total", sum(phases.values()))
+    print(f"\nplain no-grad forward: {t_fwd:.4f} s; engine total {total:.4f} s ({total / t_fwd:.2f}x)")
+    for phase, sec in phases.items():
+        print(f"engine phase {phase:18s} {sec:8.4f} s  {sec / total:6.1%}  {sec / t_fwd:6.2f}x a plain forward")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        run()
+        _sync(device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -256,6 +281,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile one engine call (chefer): its phase timings and the top operators")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -294,6 +321,10 @@ def main() -> None:
             return reference_chefer(model, ids, pixels, types, spans)
 
         runs.append((ref_name, reference, max(1, args.repeats - 1), True))
+
+    if args.profile:
+        profile_engine(engine(["chefer"]), plain_forward, args.device)
+        return
 
     if args.memory_child:
         peaks = {}

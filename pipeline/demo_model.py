@@ -1,39 +1,32 @@
-"""The embedded demo model directory (`model=demo`).
+"""The embedded demo models (`model=demo`, `model=demo_shortcut`).
 
-If `data/demo_model` holds no weights, a small randomly initialised Gemma 3 with MedGemma's
-16 x 16 image-token grid is built there (seeded, deterministic, offline) so that the demo runs
-end to end through the same loading code as MedGemma. Its answers and maps carry no medical
-meaning; they exercise the machinery.
+`data/demo_model` ships a small Gemma 3 vision-language model (MedGemma's architecture and
+16 x 16 image-token grid, a tiny vocabulary) trained by `pipeline.train_demo` on the synthetic
+chest radiograph phantoms, where the evidence for every answer lies in a known box. It loads
+through the same code as MedGemma (`pipeline.model.load_model`) and carries its held-out
+validation (`evaluation.json`), which the report shows. See docs/demo_model.md.
+
+`data/demo_model_shortcut` is the deliberately flawed variant: its laterality words were trained
+on images whose corner side marker always named the lesion's side.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-DEMO_SEED = 0
+
+class DemoModelMissing(FileNotFoundError):
+    """A demo model's weights are not where they should be."""
 
 
 def ensure_demo_model(path: Path) -> Path:
-    """Return `path`, building the random demo model there first if it has no weights."""
+    """Return `path` if it holds a demo model's weights; otherwise raise DemoModelMissing saying
+    how to restore or retrain them."""
     path = Path(path)
     if any(path.glob("*.safetensors")):
         return path
-    from pipeline.tiny_model import build_tiny_gemma3
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-model-", dir=path.parent))
-    try:
-        build_tiny_gemma3(tmp, seed=DEMO_SEED, text_layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16,
-                          image_size=64, patch_size=4, mm_tokens_per_image=256, sliding_window=512,
-                          max_position_embeddings=1024)
-        if path.exists() and not any(path.glob("*.safetensors")):
-            shutil.rmtree(path)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # built concurrently by another process
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    variant = " --variant shortcut" if path.name.endswith("shortcut") else ""
+    raise DemoModelMissing(
+        f"the demo model's weights are missing: no *.safetensors in {str(path)!r}. They ship with the "
+        f"repository (`git checkout -- data/{path.name}`); to retrain them (about 25 minutes on 2 CPU cores): "
+        f"`python -m pipeline.train_demo --out data/{path.name}{variant}`."
+    )

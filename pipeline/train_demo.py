@@ -1318,39 +1318,40 @@ def evaluate(model_dir: str | Path, *, seed: int = HELD_OUT_SEED, shortcut_dir: 
 
 def model_card(report: dict[str, Any], model_dir: str | Path) -> dict[str, Any]:
     """The evaluation as the report shows it (pipeline.model.VALIDATION_FILE): "about",
-    "summary" (name -> value), "tables" (name -> records), "notes"."""
+    "summary" ([name, value] pairs, in order), "tables" (name -> records), "notes"."""
     info = _training_info(model_dir)
     recipe = info.get("recipe") or {}
     weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
-    summary: dict[str, Any] = {
-        "variant": recipe.get("variant"),
-        "training seconds (2 CPU threads)": info.get("train_seconds"),
-        "training steps (vision pre-training + full)": f"{recipe.get('vision_pretrain_steps')} + {recipe.get('steps')}",
-        "parameters": info.get("parameters") or _count_parameters(model_dir),
-        "weights (MB)": round(weights / 1e6, 2),
-        "held-out seed": report.get("seed"),
-    }
+    summary: list[tuple[str, Any]] = [
+        ("variant", recipe.get("variant")),
+        ("training seconds (2 CPU threads)", info.get("train_seconds")),
+        ("training steps (vision pre-training + full)", f"{recipe.get('vision_pretrain_steps')} + {recipe.get('steps')}"),
+        ("parameters", info.get("parameters") or _count_parameters(model_dir)),
+        ("weights (MB)", round(weights / 1e6, 2)),
+        ("held-out seed", report.get("seed")),
+    ]
     acc = (report.get("accuracy") or {}).get("default")
     if acc:
-        summary.update({
-            "yes/no accuracy (default prompts)": acc["yes_no_accuracy"], "yes/no answers": acc["yes_no_n"],
-            "laterality word correct (yes answers)": acc["laterality_accuracy"], "laterality answers": acc["laterality_n"],
-            "zone word correct": acc["zone_accuracy"], "free-text answer exact": acc["free_text_exact"],
-            "free-text laterality correct": acc["free_text_laterality"]})
+        summary += [
+            ("yes/no accuracy (default prompts)", acc["yes_no_accuracy"]), ("yes/no answers", acc["yes_no_n"]),
+            ("laterality word correct (yes answers)", acc["laterality_accuracy"]),
+            ("laterality answers", acc["laterality_n"]), ("zone word correct", acc["zone_accuracy"]),
+            ("free-text answer exact", acc["free_text_exact"]),
+            ("free-text laterality correct", acc["free_text_laterality"])]
     sens = (report.get("accuracy") or {}).get("sensitivity")
     if sens:
-        summary["yes/no accuracy (sensitivity prompts)"] = sens["yes_no_accuracy"]
+        summary.append(("yes/no accuracy (sensitivity prompts)", sens["yes_no_accuracy"]))
     occ = report.get("lesion_occlusion") or {}
     for kind in ("answer_token", "side_word"):
         if f"{kind}/lesion_flip" in occ:
-            summary[f"{kind}: flipped by occluding the lesion / the mirrored box"] = (
-                f"{occ[f'{kind}/lesion_flip']:.3f} / {occ[f'{kind}/mirror_flip']:.3f}")
+            summary.append((f"{kind}: flipped by occluding the lesion / the mirrored box",
+                            f"{occ[f'{kind}/lesion_flip']:.3f} / {occ[f'{kind}/mirror_flip']:.3f}"))
     tables = {k: report[k] for k in ("localisation", "faithfulness", "randomisation") if report.get(k)}
     if report.get("shortcut"):
         tables["shortcut_answers"] = report["shortcut"]["answers"]
         tables["shortcut_maps"] = report["shortcut"]["maps"]
     return {
-        "about": (f"Measured by `python -m pipeline.train_demo --evaluate {Path(model_dir).name}` on phantoms drawn "
+        "about": (f"Measured by `python -m pipeline.train_demo --evaluate {model_dir}` on phantoms drawn "
                   f"from a seed never used in training (see docs/demo_model.md). Localisation: single-lesion "
                   f"phantoms; pointing = argmax cell in the lesion box; box_ratio = map mass in the box / box area "
                   f"fraction (1 = uniform)."),

@@ -215,19 +215,20 @@ def identity_section(data: RunData, generated_utc: str) -> Section:
 
 def model_validation_section(data: RunData) -> Section:
     """The model directory's own held-out validation (its evaluation.json, recorded in the
-    manifest by pipeline.model.describe): "summary" (name -> value), "tables" (name -> records)
-    and "notes" (sentences). These numbers were measured when the model was made, on held-out
-    data, not on this run's images."""
+    manifest by pipeline.model.describe): "summary" ([name, value] pairs or a mapping), "tables"
+    (name -> records) and "notes" (sentences). These numbers were measured when the model was
+    made, on held-out data, not on this run's images."""
     val = data.model.get("validation") or {}
     sec = Section("model_validation", "Model validation (shipped with the model)")
     if "error" in val:
         sec.add(Note(str(val["error"])))
         return sec
     sec.add(Paragraph(str(val.get("about") or "Held-out validation recorded with the model directory.")))
-    summary = val.get("summary") or {}
-    if summary:
+    summary = val.get("summary") or []
+    pairs = list(summary.items()) if isinstance(summary, dict) else [tuple(p) for p in summary]
+    if pairs:
         sec.add(kv_table("model_validation_summary", [(k, fmt_num(v) if isinstance(v, float) else v)
-                                                      for k, v in summary.items()], caption="Summary"))
+                                                      for k, v in pairs], caption="Summary"))
     for name, records in (val.get("tables") or {}).items():
         df = pd.DataFrame(records)
         if df.empty:

@@ -66,3 +66,17 @@ def test_cli_unknown_key_fails_at_start(tmp_path):
     assert proc.returncode != 0
     assert "colour" in proc.stderr
     assert not (tmp_path / "r" / "samples").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_experiments_compose_and_validate(name):
+    cfg = compose([f"experiment={name}", "dataset.root=/data/mimic-cxr-jpg"] if name == "mimic_sweep"
+                  else [f"experiment={name}"])
+    validate(cfg)
+    if name == "demo_shortcut":
+        assert cfg.dataset.name == "demo" and cfg.dataset.side_markers == "lesion_side"
+        assert "laterality" in cfg.explain.targets
+        assert cfg.run_dir == "runs/shortcut/demo"
+    if name == "model_comparison":
+        assert cfg.run_dir == "runs/compare/demo"  # the sweep sets model=...
+    assert cfg.stages[0] == "load"

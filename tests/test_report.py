@@ -525,7 +525,7 @@ def test_compare_runs_means_and_labels(run_dir, tmp_path):
 
 def test_model_validation_section_shows_the_shipped_card(run_dir):
     """A model directory's evaluation.json (recorded in the manifest's model entry) becomes a section."""
-    card = {"about": "Held-out phantoms.", "summary": {"yes/no accuracy (default prompts)": 0.975, "variant": "clean"},
+    card = {"about": "Held-out phantoms.", "summary": [["yes/no accuracy (default prompts)", 0.975], ["variant", "clean"]],
             "tables": {"localisation": [{"kind": "keyword", "method": "chefer", "pointing": 0.9, "n": 10}]},
             "notes": ["A caveat."]}
     for p in (run_dir / "manifests").glob("*.json"):

@@ -29,14 +29,14 @@ def shard_samples(ctx, columns: list[str] | None = None) -> pd.DataFrame:
 
 
 def resolve_model_path(model_cfg: Any) -> str:
-    """A relative local path is taken from the current directory, else from the repository;
-    the demo model directory is created on first use (see pipeline.demo_model)."""
+    """A relative local path is taken from the current directory, else from the repository; a
+    demo model without its weights fails here, saying how to restore them (pipeline.demo_model)."""
     name = str(model_cfg.name_or_path)
     p = Path(name)
     if p.is_absolute() or p.exists():
         return name
     in_repo = REPO / p
-    if model_cfg.name == "demo":
+    if model_cfg.name in ("demo", "demo_shortcut"):
         from pipeline.demo_model import ensure_demo_model
 
         return str(ensure_demo_model(in_repo))
