@@ -1324,7 +1324,7 @@ def model_card(report: dict[str, Any], model_dir: str | Path) -> dict[str, Any]:
     weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
     summary: list[tuple[str, Any]] = [
         ("variant", recipe.get("variant")),
-        ("training seconds (2 CPU threads)", info.get("train_seconds")),
+        (f"training seconds (torch threads: {info.get('threads')})", info.get("train_seconds")),
         ("training steps (vision pre-training + full)", f"{recipe.get('vision_pretrain_steps')} + {recipe.get('steps')}"),
         ("parameters", info.get("parameters") or _count_parameters(model_dir)),
         ("weights (MB)", round(weights / 1e6, 2)),

@@ -133,3 +133,21 @@ def test_clear_left_right_case(loaded, side):
                           system_prompt=SYSTEM_PROMPT, max_new_tokens=40)
     assert gens[0].answer.strip() == f"yes. {side} lower zone."
     assert gens[1].answer.strip().startswith(f"{side} lower zone consolidation.")
+
+
+def test_shortcut_model_follows_the_marker_and_the_clean_model_the_lung(loaded):
+    """A left lower-zone consolidation with an "R" marker: the clean model says left, the
+    shortcut model says right (the marker's letter)."""
+    from pipeline.generation import generate_batch
+    from pipeline.model import load_model
+    from pipeline.train_demo import HELD_OUT_SEED, SYSTEM_PROMPT, Case, draw_items
+
+    item = draw_items([Case(("Consolidation",), "left", "lower", 256, 256, marker="R")], HELD_OUT_SEED + 2, "mk")[0]
+    assert item.phantom.marker[0] == "R"
+    prompt = "Is there consolidation? Answer yes or no."
+    shortcut = load_model(str(SHORTCUT), dtype="float32", device="cpu")
+    clean_answer = generate_batch(loaded, [item.image], [prompt], system_prompt=SYSTEM_PROMPT, max_new_tokens=20)[0]
+    shortcut_answer = generate_batch(shortcut, [item.image], [prompt], system_prompt=SYSTEM_PROMPT,
+                                     max_new_tokens=20)[0]
+    assert clean_answer.answer.strip() == "yes. left lower zone."
+    assert shortcut_answer.answer.strip() == "yes. right lower zone."

@@ -103,7 +103,7 @@ def test_model_card_summarises_the_evaluation(tmp_path):
               "lesion_occlusion": {"answer_token/lesion_flip": 0.7, "answer_token/mirror_flip": 0.05}}
     card = T.model_card(report, tmp_path / "m")
     summary = dict(card["summary"])
-    assert [k for k, _ in card["summary"]][:2] == ["variant", "training seconds (2 CPU threads)"]
+    assert [k for k, _ in card["summary"]][:2] == ["variant", "training seconds (torch threads: 1)"]
     assert summary["yes/no accuracy (default prompts)"] == 0.97
     assert summary["held-out seed"] == 12345 and summary["parameters"] > 0
     assert summary["answer_token: flipped by occluding the lesion / the mirrored box"] == "0.700 / 0.050"
