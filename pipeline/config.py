@@ -117,6 +117,8 @@ class MetricsConfig:
     # null: on for the embedded demo, off for other datasets (they cost forward passes per map).
     faithfulness: Optional[bool] = None
     faithfulness_steps: int = 8
+    # target kinds whose maps get curves (each map costs about 2 x steps perturbed forward passes)
+    faithfulness_kinds: List[str] = field(default_factory=lambda: ["keywords", "laterality", "answer_token"])
     faithfulness_baseline: str = "mean"  # mean | zero
 
 
@@ -204,6 +206,8 @@ def validate(cfg: Any) -> None:
         _check_choice("explain.methods", m, METHODS)
     _check_choice("explain.occlusion_baseline", cfg.explain.occlusion_baseline, ("mean", "zero"))
     _check_choice("metrics.faithfulness_baseline", cfg.metrics.faithfulness_baseline, ("mean", "zero"))
+    for k in cfg.metrics.faithfulness_kinds:
+        _check_choice("metrics.faithfulness_kinds", k, TARGET_KINDS)
     if cfg.explain.explorer_samples < 0:
         raise ConfigError(f"explain.explorer_samples={cfg.explain.explorer_samples} must be >= 0")
     for key in ("explain.occlusion_block", "explain.perturbation_batch_size", "metrics.faithfulness_steps"):

@@ -49,6 +49,7 @@ def test_wrong_type_fails_naming_it():
     ("explain.methods=[chefer,gradcamm]", "explain.methods"),
     ("explain.targets=[keyword]", "explain.targets"),
     ("dataset.side_markers=sometimes", "dataset.side_markers"),
+    ("metrics.faithfulness_kinds=[keyword]", "metrics.faithfulness_kinds"),
     ("model.dtype=fp8", "model.dtype"),
     ("dataset=manifest", "dataset.path"),
     ("prompts.only_findings=[Pleural Efusion]", "Pleural Efusion"),

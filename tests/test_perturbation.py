@@ -96,6 +96,23 @@ def test_unperturbed_variant_equals_plain_forward(model, inputs):
     assert max(abs(_plain(model, inputs, t, with_types=False) - _plain(model, inputs, t)) for t in targets) > 1e-3
 
 
+def test_eager_model_runs_perturbations_on_sdpa_and_is_restored(inputs):
+    """A model loaded with eager attention (as load_model does) gets the same scores from the
+    perturbed passes, which run on sdpa, and keeps eager afterwards."""
+    eager = make_tiny_gemma3(seed=0, num_layers=4, sliding_window=8)
+    eager.set_attn_implementation("eager")
+    lm_cfg = eager.config.get_text_config()
+    n = inputs.input_ids.shape[1]
+    targets = _targets(n)
+    masks = np.zeros((3, M), dtype=bool)
+    masks[1, [0, 5, 7]] = True
+    got = ImagePerturber(eager, inputs, batch_size=4).logprobs(masks, targets)
+    assert lm_cfg._attn_implementation == "eager"
+    for ti, t in enumerate(targets):
+        assert abs(got[0, ti] - _plain(eager, inputs, t)) <= TOL
+        assert abs(got[1, ti] - _manual(eager, inputs, t, [0, 5, 7])) <= TOL
+
+
 @pytest.mark.parametrize("baseline", ["mean", "zero"])
 def test_variants_equal_manually_perturbed_forwards(model, inputs, baseline):
     n = inputs.input_ids.shape[1]
@@ -292,6 +309,7 @@ KEY = ["sample_id", "target_kind", "target_label", "token_start", "method"]
 def _overrides(model_dir, run_dir, *extra: str) -> list[str]:
     return [f"model.name_or_path={model_dir}", "model.device=cpu", "dataset.n=4", "dataset.limit=2",
             "prompts=findings", "generate.max_new_tokens=8", "explain.targets=[answer_span]",
+            "metrics.faithfulness_kinds=[answer_span]",
             "explain.methods=[chefer,random,occlusion]", "explain.explorer_samples=0", "stages=[load,generate,explain]",
             f"run_dir={run_dir}",
             *extra]
@@ -316,6 +334,13 @@ def test_explain_stage_writes_faithfulness_and_resumes(tmp_path, tiny_model_dir,
         assert row.deletion_auc == pytest.approx(trapezoid_auc(row.fractions, row.deletion), rel=1e-5)
     occ = ok[ok["method"] == "occlusion"]
     assert all((np.asarray(m) >= 0).all() for m in occ["image_map"])
+
+    # target kinds left out of metrics.faithfulness_kinds get no curves
+    run_c = tmp_path / "c"
+    run_pipeline(_overrides(tiny_model_dir, run_c, "metrics.faithfulness=true",
+                            "metrics.faithfulness_kinds=[keywords,answer_token]"))
+    assert len(pd.read_parquet(run_c / "relevancy").query("status == 'ok'")) == 6
+    assert not (run_c / "faithfulness").exists() or pd.read_parquet(run_c / "faithfulness").empty
 
     # a resumed run adds nothing
     run_pipeline(_overrides(tiny_model_dir, run_a, "metrics.faithfulness=true"))

@@ -194,6 +194,23 @@ def _set_text_implementation(model: nn.Module, language_model: nn.Module, name: 
 
 
 @contextmanager
+def no_grad_attention(model: nn.Module) -> Iterator[None]:
+    """For forward passes that need no attention probabilities (perturbations): a language model
+    on plain "eager" attention runs on "sdpa" instead (the same masks, fused kernels; about 1.5x
+    faster on a CPU for the demo model), restored afterwards. Other implementations are kept."""
+    language_model = find_language_model(model)
+    previous = language_model.config._attn_implementation
+    if previous != "eager":
+        yield
+        return
+    _set_text_implementation(model, language_model, "sdpa")
+    try:
+        yield
+    finally:
+        _set_text_implementation(model, language_model, previous)
+
+
+@contextmanager
 def capture(model: nn.Module, *, grad: bool = False) -> Iterator[AttentionRecorder]:
     """Record every language-model layer's attention probabilities during forward passes.
 

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import find_language_model
+from .capture import find_language_model, no_grad_attention
 from .engine import Target, _as_target, _grid
 
 __all__ = [
@@ -438,15 +438,16 @@ class ImagePerturber:
 
         handle = self.language_model.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            out = self.model(
-                input_ids=expand(self.ids),
-                pixel_values=None,
-                token_type_ids=expand(self.token_type_ids),
-                attention_mask=expand(self.attention_mask),
-                position_ids=expand(self.position_ids),
-                use_cache=False,
-                logits_to_keep=keep,
-            )
+            with no_grad_attention(self.model):
+                out = self.model(
+                    input_ids=expand(self.ids),
+                    pixel_values=None,
+                    token_type_ids=expand(self.token_type_ids),
+                    attention_mask=expand(self.attention_mask),
+                    position_ids=expand(self.position_ids),
+                    use_cache=False,
+                    logits_to_keep=keep,
+                )
         finally:
             handle.remove()
         if calls != 1:

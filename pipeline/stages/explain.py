@@ -10,7 +10,8 @@ never replaced by another target. Every (sample, method) gets at least one row, 
 resumed run knows it is done.
 
 Faithfulness (pipeline.relevancy.perturbation): every relevancy row with status "ok" whose
-method is in `explain.methods` gets one faithfulness/ row with the same key (sample_id,
+method is in `explain.methods` and whose target kind is in `metrics.faithfulness_kinds` (and in
+`explain.targets`) gets one faithfulness/ row with the same key (sample_id,
 target_kind, target_label, token_start, method), computed with `metrics.faithfulness_steps`
 steps; the random floor's order is seeded per sample from `explain.seed` and the sample id. A
 row is done when its key is in faithfulness/, so a resumed run (or a run that turns
@@ -84,9 +85,9 @@ def explorer_samples(gens, n: int) -> set[str]:
 
 
 def _faithful_kind(kind: str, kinds: set[str]) -> bool:
-    """Faithfulness curves are computed for the configured target kinds, not for the per-token
-    targets added only for the token explorer."""
-    return kind != "answer_tokens" or "answer_tokens" in kinds
+    """Faithfulness curves are computed for `kinds` (explain.targets that are also in
+    metrics.faithfulness_kinds), never for the per-token targets added only for the explorer."""
+    return kind in kinds
 
 
 def _base_row(sample_id: str, method: str, shard: int) -> dict[str, Any]:
@@ -165,6 +166,7 @@ def run(ctx) -> dict[str, Any]:
     cfg = ctx.cfg
     methods = list(dict.fromkeys(cfg.explain.methods))
     kinds = set(cfg.explain.targets)
+    faith_kinds = kinds & set(cfg.metrics.faithfulness_kinds)
     synonyms = finding_synonyms(cfg.prompts)
     faithfulness = faithfulness_enabled(cfg)
     samples = shard_samples(ctx)
@@ -181,7 +183,7 @@ def run(ctx) -> dict[str, Any]:
         faith_done = ctx.store.table("faithfulness").keys()
         faith_failed = ctx.store.error_keys("faithfulness") if not cfg.retry_errors else set()
         pending = _stored_pending(ctx, set(gens["sample_id"]), methods, faith_done, faith_failed)
-        pending = {sid: [p for p in pairs if _faithful_kind(p[0][1], kinds)] for sid, pairs in pending.items()}
+        pending = {sid: [p for p in pairs if _faithful_kind(p[0][1], faith_kinds)] for sid, pairs in pending.items()}
         pending = {sid: pairs for sid, pairs in pending.items() if pairs}
     explorer = explorer_samples(gens, cfg.explain.explorer_samples)
     by_id = samples.set_index("sample_id", drop=False)
@@ -254,7 +256,7 @@ def run(ctx) -> dict[str, Any]:
                                 "image_tokens_ok": out.image_tokens_ok, "seconds": seconds,
                             })
                             key = (sid, t.kind, t.label, t.token_start, method)
-                            if key not in faith_done and _faithful_kind(t.kind, kinds):
+                            if key not in faith_done and _faithful_kind(t.kind, faith_kinds):
                                 new_pairs.append((key, t.token_end, mm.image_map))
                         for label in not_mentioned:
                             rows.append({**_base_row(sid, method, ctx.shard), "target_kind": "keywords"
