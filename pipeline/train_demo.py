@@ -112,7 +112,6 @@ class Recipe:
     penalty_ramp: float = 0.15  # fraction of the steps over which the penalty weight rises to its value
     sincos_positions: bool = True  # initialise the vision position embeddings with 2-D sines and cosines
     mixing_scope: str = "both"  # where the mixing penalty applies: "text" (language model) or "both" (+ vision)
-    patch_init_scale: float = 1.0  # scale of the patch-embedding kernel at initialisation
     aux_weight: float = 1.0  # weight of the image-token finding loss (a training-only linear head)
     vision_pretrain_steps: int = 1200  # first: vision tower + projector alone on the image-token finding loss
     guide_weight: float = 1.0  # routing warm-up: weight of the loss pulling answer-row attention to the lesion
@@ -662,9 +661,6 @@ def train(out: str | Path, recipe: Recipe, *, log_every: int = 25, threads: int 
     model = Gemma3ForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa")
     if recipe.sincos_positions:
         _sincos_position_init_(model)
-    if recipe.patch_init_scale != 1.0:
-        with torch.no_grad():
-            model.model.vision_tower.embeddings.patch_embedding.weight.mul_(recipe.patch_init_scale)
     model.train()
     enc = Encoder(processor, model.config.image_token_id)
     free, yes_no = prompt_texts()
