@@ -1351,7 +1351,10 @@ def model_card(report: dict[str, Any], model_dir: str | Path) -> dict[str, Any]:
                   f"from a seed never used in training (see docs/demo_model.md). Localisation: single-lesion "
                   f"phantoms; pointing = argmax cell in the lesion box; box_ratio = map mass in the box / box area "
                   f"fraction (1 = uniform)."),
-        "summary": summary, "tables": tables, "notes": report.get("notes") or [],
+        "summary": summary, "tables": tables,
+        "notes": (["This is the deliberately flawed variant: its laterality words read the corner side marker. On "
+                   "images without a marker naming the side its laterality word is at chance."]
+                  if recipe.get("variant") == "shortcut" else []),
     }
 
 
