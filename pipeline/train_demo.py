@@ -493,7 +493,7 @@ def _answer_loss(model, batch, mixing_penalty: float = 0.0, vision: bool = True,
     want_attn = mixing_penalty > 0 or guide > 0
     vision_probs: list = []
     hooks = []
-    if want_attn and vision:  # the vision tower's attention probabilities (eager attention returns them)
+    if mixing_penalty > 0 and vision:  # the vision tower's attention probabilities (eager attention returns them)
         for mod in model.model.vision_tower.modules():
             if type(mod).__name__.endswith("Attention"):
                 hooks.append(mod.register_forward_hook(lambda m, i, o: vision_probs.append(o[1])))
