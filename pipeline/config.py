@@ -62,6 +62,7 @@ class ModelConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     device_map: Optional[str] = None  # e.g. "auto" to spread over GPUs with accelerate
     local_files_only: Optional[bool] = None  # None: follow HF_HUB_OFFLINE
+    attn_implementation: str = "vision_sdpa"  # eager | sdpa | vision_sdpa (pipeline.model.ATTN_IMPLEMENTATIONS)
 
 
 @dataclass
@@ -196,6 +197,9 @@ def validate(cfg: Any) -> None:
     if d.n < 1:
         raise ConfigError(f"dataset.n={d.n} must be >= 1")
     _check_choice("model.dtype", cfg.model.dtype, DTYPES)
+    from pipeline.model import ATTN_IMPLEMENTATIONS
+
+    _check_choice("model.attn_implementation", cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS)
     if cfg.generate.batch_size < 1:
         raise ConfigError(f"generate.batch_size={cfg.generate.batch_size} must be >= 1")
     if cfg.generate.max_new_tokens < 1:

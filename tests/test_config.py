@@ -51,6 +51,7 @@ def test_wrong_type_fails_naming_it():
     ("dataset.side_markers=sometimes", "dataset.side_markers"),
     ("metrics.faithfulness_kinds=[keyword]", "metrics.faithfulness_kinds"),
     ("model.dtype=fp8", "model.dtype"),
+    ("model.attn_implementation=flash", "model.attn_implementation"),
     ("dataset=manifest", "dataset.path"),
     ("prompts.only_findings=[Pleural Efusion]", "Pleural Efusion"),
 ])

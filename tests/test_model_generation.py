@@ -18,7 +18,15 @@ from pipeline.generation import (
     model_inputs_for_sequence,
     stop_token_ids,
 )
-from pipeline.model import LoadedModel, ModelLoadError, load_model, resolve_device, resolve_dtype, weights_fingerprint
+from pipeline.model import (
+    LoadedModel,
+    ModelLoadError,
+    describe,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    weights_fingerprint,
+)
 from pipeline.targets import decode_answer
 from pipeline.tiny_model import build_tiny_gemma3
 
@@ -104,7 +112,23 @@ def test_load_model_fields(loaded: LoadedModel, tiny_dir: Path) -> None:
     assert loaded.resolved_revision is None and loaded.name_or_path == str(tiny_dir)
     assert not loaded.model.training
     assert not any(p.requires_grad for p in loaded.model.parameters())
-    assert loaded.model.config._attn_implementation == "eager"
+    # default: SigLIP on sdpa, the language model on eager
+    assert loaded.model.config.text_config._attn_implementation == "eager"
+    assert loaded.model.config.vision_config._attn_implementation == "sdpa"
+    assert describe(loaded)["attn_implementation"]["vision_config"] == "sdpa"
+
+
+@pytest.mark.parametrize("name,text,vision", [("eager", "eager", "eager"), ("sdpa", "sdpa", "sdpa"),
+                                              ("vision_sdpa", "eager", "sdpa")])
+def test_load_model_attn_implementation(tiny_dir: Path, images: list[Image.Image], name: str, text: str,
+                                        vision: str) -> None:
+    lm = load_model(str(tiny_dir), device="cpu", attn_implementation=name)
+    assert lm.model.config.text_config._attn_implementation == text
+    assert lm.model.config.vision_config._attn_implementation == vision
+    (res,) = generate_batch(lm, images[:1], ["Findings?"], max_new_tokens=4)
+    assert isinstance(res, Generation) and res.n_new_tokens >= 1
+    with pytest.raises(ValueError, match="flash"):
+        load_model(str(tiny_dir), device="cpu", attn_implementation="flash")
 
 
 def test_load_model_offline_env_and_bfloat16(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

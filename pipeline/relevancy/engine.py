@@ -196,6 +196,14 @@ def chunk_for_budget(model: nn.Module, seq_len: int, budget_bytes: float, cap: i
     return max(1, min(int(cap), int(budget_bytes // gradient_bytes_per_target(model, seq_len))))
 
 
+def _clock(device: torch.device) -> float:
+    """Wall seconds after the device's queued work has finished (CUDA runs asynchronously, so
+    phase timings without the synchronisation would be charged to whichever phase waits next)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     param = next(model.parameters())
     return param.device, param.dtype
@@ -381,7 +389,7 @@ def explain_sequence(
     timings: dict[str, float] = {}
 
     with _inference_state(model):
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         with capture(model, grad=need_grad) as rec, torch.set_grad_enabled(need_grad):
             out = model(
                 input_ids=ids,
@@ -406,7 +414,7 @@ def explain_sequence(
             scores = torch.zeros(n_targets, device=device, dtype=torch.float32).index_add(
                 0, torch.tensor(sel_tgt, device=device), picked
             )
-        timings["forward"] = time.perf_counter() - t0
+        timings["forward"] = _clock(device) - t0
         if not rec.complete():
             raise RuntimeError("attention capture missed layers; is the text model using the capture implementation?")
         probs = [p[0].detach() for p in rec.probs]  # each (H, n_fwd, n_fwd), model dtype, off the graph
@@ -433,7 +441,7 @@ def explain_sequence(
         inputs: list[torch.Tensor] = []
 
         # gradient methods
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         if need_grad:
             if embeds is None:
                 raise RuntimeError("the language model's inputs_embeds were not recorded")
@@ -467,10 +475,10 @@ def explain_sequence(
                 maps["chefer"] = chefer_out
             if want_gradcam:
                 maps["gradcam"] = gradcam_out
-        timings["gradients"] = time.perf_counter() - t0
+        timings["gradients"] = _clock(device) - t0
 
         # attention-only methods (no gradients)
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         with torch.no_grad():
             if need_attn_rows:
                 read_heads = torch.stack(
@@ -504,7 +512,7 @@ def explain_sequence(
                 if embeds is None:
                     raise RuntimeError("the language model's inputs_embeds were not recorded")
                 maps["activation_norm"] = activation_norm_map(embeds.detach()[0, img_pos]).expand(n_targets, n_img)
-        timings["attention_methods"] = time.perf_counter() - t0
+        timings["attention_methods"] = _clock(device) - t0
 
         score_values = scores.detach().cpu().tolist()
         del scores, picked, logits, out, rec, probs, embeds, inputs  # release the graph
@@ -514,7 +522,7 @@ def explain_sequence(
             # imported here: the perturbation module builds on this one
             from .perturbation import occlusion_maps
 
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             occ = occlusion_maps(
                 model,
                 {"input_ids": input_ids, "pixel_values": pixel_values, "token_type_ids": token_type_ids,
@@ -526,10 +534,10 @@ def explain_sequence(
                 batch_size=perturbation_batch_size,
             )
             maps["occlusion"] = torch.from_numpy(occ.reshape(n_targets, n_img))
-            timings["occlusion"] = time.perf_counter() - t0
+            timings["occlusion"] = _clock(device) - t0
 
     # assemble per-target outputs (numpy float32, raw)
-    t0 = time.perf_counter()
+    t0 = _clock(device)
     img_pos_cpu = img_pos.cpu()
     maps_cpu: dict[str, torch.Tensor] = {}
     for m, x in maps.items():
@@ -554,8 +562,8 @@ def explain_sequence(
             else:
                 per_method[m] = MethodMap(image_map=_to_numpy(maps_cpu[m][ti]).reshape(grid_h, grid_w))
         results.append(TargetResult(target=t, index=ti, score=float(score_values[ti]), maps=per_method))
-    timings["assemble"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
+    timings["assemble"] = _clock(device) - t0
+    timings["total"] = _clock(device) - t_start
 
     return ExplainOutput(
         results=results,

@@ -50,7 +50,8 @@ def get_model(ctx):
 
         m = ctx.cfg.model
         loaded = load_model(resolve_model_path(m), revision=m.revision, dtype=m.dtype, device=m.device,
-                            device_map=m.device_map, local_files_only=m.local_files_only)
+                            device_map=m.device_map, local_files_only=m.local_files_only,
+                            attn_implementation=m.attn_implementation)
         ctx.cache["model"] = loaded
         ctx.manifest.update(model=describe(loaded) | {"config_name": m.name})
         log.info("model %s loaded (%s on %s)", m.name_or_path, loaded.dtype, loaded.device)
