@@ -5,6 +5,8 @@ Public API:
 - map scores: `score_map`, `MapScorer` (cached per image; `.score`, `.score_many`), `SCORE_KEYS`,
   `cell_coverage`, `boxes_to_mask`, `is_frontal`, `FRONTAL_VIEWS`;
 - map comparison: `js_divergence` (bits, 0..1), `js_distance` (its square root);
+- quality checks (pass flags, derived where reported): `Thresholds`, `map_flags`, `pair_flags`,
+  `MAP_FLAGS`, `PAIR_FLAGS`;
 - answers: `parse_yes_no`, `classification_summary`, `ANSWER_STATES`.
 
 Conventions (stated in each docstring): maps are raw non-negative grids placed on the original
@@ -15,9 +17,10 @@ entropies and divergences are in bits; boxes are (x, y, w, h) in original-image 
 from metrics.answers import ANSWER_STATES, classification_summary, parse_yes_no
 from metrics.body import body_mask, tissue_is_dark, to_grey01
 from metrics.divergence import js_distance, js_divergence
+from metrics.quality import MAP_FLAGS, PAIR_FLAGS, Thresholds, map_flags, pair_flags
 from metrics.maps import (FRONTAL_VIEWS, SCORE_KEYS, MapScorer, boxes_to_mask, cell_coverage, is_frontal,
                           score_map)
 
-__all__ = ["ANSWER_STATES", "FRONTAL_VIEWS", "SCORE_KEYS", "MapScorer", "body_mask", "boxes_to_mask",
+__all__ = ["ANSWER_STATES", "FRONTAL_VIEWS", "MAP_FLAGS", "PAIR_FLAGS", "Thresholds", "map_flags", "pair_flags", "SCORE_KEYS", "MapScorer", "body_mask", "boxes_to_mask",
            "cell_coverage", "classification_summary", "is_frontal", "js_distance", "js_divergence", "parse_yes_no",
            "score_map", "tissue_is_dark", "to_grey01"]
