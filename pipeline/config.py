@@ -15,7 +15,7 @@ from omegaconf import MISSING, OmegaConf
 
 from pipeline.method_names import ALL_METHODS
 
-STAGES: tuple[str, ...] = ("load", "generate", "explain", "score", "report")
+STAGES: tuple[str, ...] = ("load", "generate", "explain", "score", "compact", "report")
 DATASETS: tuple[str, ...] = ("mimic_cxr", "nih_cxr14", "manifest", "demo")
 SIDE_MARKER_MODES: tuple[str, ...] = ("default", "none", "lesion_side", "opposite")
 TARGET_KINDS: tuple[str, ...] = ("keywords", "laterality", "answer_token", "answer_span", "answer_tokens")
@@ -140,7 +140,10 @@ class Config:
     seed: int = 0
     retry_errors: bool = False  # re-attempt keys that have an errors/ row for the stage
     allow_config_change: bool = False  # resume a run dir whose identity config differs
-    flush_rows: int = 64  # rows per Parquet part file write
+    flush_mb: float = 32.0  # a table's buffered rows are written as one part file at this size (MiB)
+    flush_seconds: float = 300.0  # ... or after this long (bounds the work a killed job loses)
+    compact_mb: float = 256.0  # stage compact: merged part files of up to this size (MiB)
+    lock_timeout: float = 0.0  # seconds to wait for a shard another process holds (0: refuse at once)
     progress: bool = True
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -221,8 +224,11 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"explain.memory_budget_gb={cfg.explain.memory_budget_gb} must be > 0 (or null)")
     if cfg.explain.chunk_size < 1:
         raise ConfigError(f"explain.chunk_size={cfg.explain.chunk_size} must be >= 1")
-    if cfg.flush_rows < 1:
-        raise ConfigError(f"flush_rows={cfg.flush_rows} must be >= 1")
+    for key in ("flush_mb", "flush_seconds", "compact_mb"):
+        if not float(cfg[key]) > 0:
+            raise ConfigError(f"{key}={cfg[key]} must be > 0")
+    if float(cfg.lock_timeout) < 0:
+        raise ConfigError(f"lock_timeout={cfg.lock_timeout} must be >= 0 (seconds)")
     lo_hi = list(cfg.metrics.left_fraction_range)
     if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
         raise ConfigError(f"metrics.left_fraction_range={lo_hi} must be [low, high] within [0, 1]")

@@ -3,27 +3,32 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import pyarrow.dataset as ds
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pipeline.config import validate
+from pipeline.locks import report_lock, run_lock, shard_lock
 from pipeline.manifest import InvocationManifest, check_identity
 from pipeline.stages import get_stage
-from pipeline.store import RunStore
+from pipeline.store import PartWriter, RunStore, ShardView
 
 log = logging.getLogger("pipeline")
 
 
 @dataclass
 class RunContext:
-    """What a stage gets: the config, the run store, this invocation's manifest and shard."""
+    """What a stage gets: the config, the run store, this shard's view of it, this invocation's
+    manifest and shard."""
 
     cfg: DictConfig
     store: RunStore
+    view: ShardView
     manifest: InvocationManifest
     shard: int
     cache: dict[str, Any]
@@ -31,31 +36,52 @@ class RunContext:
     def progress(self, iterable: Iterable, total: int | None, desc: str) -> Iterable:
         return tqdm(iterable, total=total, desc=desc, disable=not self.cfg.progress, dynamic_ncols=True)
 
-    def writer(self, table: str):
-        return self.store.writer(table, self.shard, flush_rows=self.cfg.flush_rows)
+    def writer(self, table: str) -> PartWriter:
+        return self.view.writer(table)
 
-    def skip_keys(self, table: str, stage: str) -> set[str]:
-        """sample_ids a stage must not redo: already written, or (unless retry_errors) failed."""
-        done = {k[0] for k in self.store.table(table).keys()}
+    def record_error(self, stage: str, sample_id: str, exc: BaseException, *, image_id: str = "",
+                     detail: str = "") -> None:
+        self.view.record_error(stage, sample_id, exc, image_id=image_id, detail=detail)
+
+    def skip_keys(self, table: str, stage: str, sample_ids: Iterable[str]) -> set[str]:
+        """sample_ids of this shard a stage must not redo: already written, or (unless
+        retry_errors) failed. `sample_ids`: this shard's samples (restricts foreign parts)."""
+        only = ds.field("sample_id").isin(sorted(set(sample_ids)))
+        done = {k[0] for k in self.view.keys(table, foreign_filter=only)}
         if not self.cfg.retry_errors:
-            done |= self.store.error_keys(stage)
+            done |= self.view.error_keys(stage, foreign_filter=only)
         return done
 
 
+def _locks(cfg: DictConfig, run_dir: Path) -> ExitStack:
+    """The shard's lock when a shard stage runs, the report's when the report runs."""
+    stack = ExitStack()
+    if set(cfg.stages) - {"report"}:
+        stack.enter_context(shard_lock(run_dir, cfg.dataset.shard, cfg.dataset.num_shards, cfg.lock_timeout))
+    if "report" in cfg.stages:
+        stack.enter_context(report_lock(run_dir, cfg.lock_timeout))
+    return stack
+
+
 def run(cfg: DictConfig) -> RunContext:
-    """Validate the config, check the run directory's identity, then run each stage."""
+    """Validate the config, check the run directory's identity, then run each stage under the
+    shard's lock."""
     validate(cfg)
     run_dir = Path(cfg.run_dir)
     store = RunStore(run_dir)
-    check_identity(run_dir, cfg)
-    manifest = InvocationManifest(run_dir, cfg)
-    ctx = RunContext(cfg=cfg, store=store, manifest=manifest, shard=cfg.dataset.shard, cache={})
-    log.info("run_dir=%s stages=%s shard=%d/%d", run_dir, list(cfg.stages), cfg.dataset.shard, cfg.dataset.num_shards)
-    for name in cfg.stages:
-        t0 = time.perf_counter()
-        summary = get_stage(name)(ctx) or {}
-        seconds = time.perf_counter() - t0
-        manifest.stage(name, seconds=round(seconds, 3), **summary)
-        log.info("stage %s done in %.1f s: %s", name, seconds, summary)
-    manifest.update(finished_utc=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    with _locks(cfg, run_dir):
+        with run_lock(run_dir):
+            check_identity(run_dir, cfg)
+            manifest = InvocationManifest(run_dir, cfg)
+        d = cfg.dataset
+        view = store.shard(d.shard, d.num_shards, flush_mb=cfg.flush_mb, flush_seconds=cfg.flush_seconds)
+        ctx = RunContext(cfg=cfg, store=store, view=view, manifest=manifest, shard=d.shard, cache={})
+        log.info("run_dir=%s stages=%s shard=%d/%d", run_dir, list(cfg.stages), d.shard, d.num_shards)
+        for name in cfg.stages:
+            t0 = time.perf_counter()
+            summary = get_stage(name)(ctx) or {}
+            seconds = time.perf_counter() - t0
+            manifest.stage(name, seconds=round(seconds, 3), **summary)
+            log.info("stage %s done in %.1f s: %s", name, seconds, summary)
+        manifest.update(finished_utc=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     return ctx

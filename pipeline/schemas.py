@@ -123,10 +123,6 @@ METRICS = pa.schema(
         ("box_area_fraction", pa.float32()),  # box area / image area: the random floor of the above
         ("box_iou", pa.float32()),  # IoU of the Otsu-binarised map with the boxes
         ("body_area_fraction", pa.float32()),  # body mask area / image area
-        ("pass_inside_body", pa.bool_()),
-        ("pass_border", pa.bool_()),
-        ("pass_entropy", pa.bool_()),
-        ("pass_laterality_balance", pa.bool_()),  # null for non-frontal views
         ("shard", pa.int32()),
     ]
 )
@@ -150,7 +146,6 @@ SENSITIVITY = pa.schema(
         ("parsed_a", pa.string()),  # yes / no / uncertain / unparsed (yes/no prompts)
         ("parsed_b", pa.string()),
         ("answers_agree", pa.bool_()),  # null when either answer is not a yes/no question's
-        ("pass_js", pa.bool_()),
         ("shard", pa.int32()),
     ]
 )
@@ -187,6 +182,18 @@ FAITHFULNESS = pa.schema(
     ]
 )
 
+BODY_MASKS = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image_sha256", pa.string()),
+        ("height", pa.int32()),  # pixels of the decoded image (as samples/ width, height)
+        ("width", pa.int32()),
+        ("mask", pa.binary()),  # numpy.packbits of the boolean body mask, row-major (null on error)
+        ("error", pa.string()),  # why no mask could be computed (e.g. a constant image), else null
+        ("shard", pa.int32()),
+    ]
+)
+
 ERRORS = pa.schema(
     [
         ("stage", pa.string()),
@@ -212,5 +219,6 @@ TABLES = {
     ),
     "answers": TableSpec("answers", ANSWERS, ("sample_id",)),
     "faithfulness": TableSpec("faithfulness", FAITHFULNESS, tuple(n for n, _ in KEY_FIELDS)),
+    "body_masks": TableSpec("body_masks", BODY_MASKS, ("image_id",)),
     "errors": TableSpec("errors", ERRORS, ("stage", "sample_id")),
 }

@@ -19,7 +19,7 @@ def _overrides(run_dir):
     return ["stages=[load,generate,explain]", "dataset=nih_cxr14", f"dataset.root={NIH_SUBSET}", f"run_dir={run_dir}",
             "prompts=default", "prompts.only_findings=[Pleural Effusion]", "generate.batch_size=1",
             "generate.max_new_tokens=12", "explain.targets=[answer_tokens]", "explain.methods=[chefer,raw_attention]",
-            "flush_rows=1"]
+            "flush_mb=0.0001"]
 
 
 def _table(run_dir, name, key):
@@ -37,7 +37,7 @@ def test_sigkill_mid_explain_then_resume_equals_uninterrupted(tmp_path):
     deadline = time.monotonic() + 240
     rel = killed / "relevancy"
     while time.monotonic() < deadline and proc.poll() is None:
-        if rel.is_dir() and len(list(rel.glob("part-*.parquet"))) >= 2:
+        if rel.is_dir() and len(list(rel.glob("shard-*/part-*.parquet"))) >= 2:
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.005)

@@ -10,6 +10,7 @@ import pytest
 
 import metrics
 from conftest import run_pipeline
+from pipeline.store import RunStore
 
 OVERRIDES = ["stages=[load,generate,explain,score]", "dataset.n=4", "prompts=sensitivity",
              "prompts.only_findings=[Pleural Effusion]", "generate.max_new_tokens=6",
@@ -32,11 +33,15 @@ def test_metrics_rows_match_relevancy_and_recompute(run_dir):
     samples = pd.read_parquet(run_dir / "samples").set_index("sample_id")
     row = m.merge(ok, on=keys).iloc[0]
     s = samples.loc[row["sample_id"]]
-    masks = list((run_dir / "cache" / "body_masks").glob("*.png"))
-    assert len(masks) == samples["image_id"].nunique()  # one cached mask per image
+    from pipeline.body_masks import decode
     from pipeline.images import read_image
 
+    masks = RunStore(run_dir).table("body_masks").read()  # written by load, one per image
+    assert sorted(masks["image_id"]) == sorted(samples["image_id"].unique()) and masks["error"].isna().all()
+    assert not (run_dir / "cache").exists()  # no per-image files
     body = metrics.body_mask(read_image(s["image_path"]).pixels)
+    stored = decode(masks.set_index("image_id").loc[s["image_id"]].to_dict() | {"image_id": s["image_id"]})
+    np.testing.assert_array_equal(stored, body)
     boxes = [(b["x"], b["y"], b["w"], b["h"]) for b in s["boxes"] if b["finding"] == row["finding"]]
     grid = np.asarray(row["image_map"]).reshape(int(row["grid_h"]), int(row["grid_w"]))
     expect = metrics.score_map(grid, body, s["view_position"], boxes or None)
@@ -56,12 +61,16 @@ def test_localisation_uses_the_targets_own_finding(run_dir):
     assert with_boxes["box_mass_fraction"].notna().all() and with_boxes["finding_side"].isin(["left", "right", "bilateral"]).all()
 
 
-def test_flags_follow_the_thresholds(run_dir):
+def test_flags_are_derived_not_stored(run_dir):
     m = pd.read_parquet(run_dir / "metrics")
-    assert (m["pass_inside_body"] == (m["inside_body_ratio"] >= 0.7)).all()
-    assert (m["pass_border"] == (m["border_fraction"] <= 0.2)).all()
+    assert not [c for c in m.columns if c.startswith("pass_")]  # never stale: derived where reported
+    flags = metrics.map_flags(m, metrics.Thresholds(max_border_fraction=0.2))
+    np.testing.assert_array_equal(flags["pass_inside_body"] == 1, m["inside_body_ratio"] >= 0.7)
+    np.testing.assert_array_equal(flags["pass_border"] == 1, m["border_fraction"] <= 0.2)
     frontal = m["view_position"].isin(["PA", "AP"])
-    assert m.loc[~frontal, "pass_laterality_balance"].isna().all()
+    assert np.isnan(flags["pass_laterality_balance"][~frontal.to_numpy()]).all()
+    strict = metrics.map_flags(m, metrics.Thresholds(min_inside_body_ratio=0.99))
+    np.testing.assert_array_equal(strict["pass_inside_body"] == 1, m["inside_body_ratio"] >= 0.99)
 
 
 def test_sensitivity_pairs(run_dir):

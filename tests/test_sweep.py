@@ -27,8 +27,8 @@ def test_two_shard_submitit_local_sweep_equals_unsharded_run(tmp_path):
          "dataset.num_shards=2", "dataset.shard=range(0,2)", "progress=false"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    parts = {p.name.split("-")[1] for p in (sweep / "samples").glob("part-*.parquet")}
-    assert parts == {"s00000", "s00001"}  # both shards wrote into the one run directory
+    folders = {p.parent.name for p in (sweep / "samples").glob("shard-*/part-*.parquet")}
+    assert folders == {"shard-00000-of-00002", "shard-00001-of-00002"}  # both shards, one run directory
     assert len(list((sweep / "manifests").glob("*.json"))) == 2
     run_pipeline([f"run_dir={single}", *COMMON])
     for name in KEYS:

@@ -12,7 +12,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pandas as pd
 
 from pipeline.datasets.base import ImageRecord
 from pipeline.datasets.mimic_cxr import MimicCXR, read_csv

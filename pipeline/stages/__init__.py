@@ -9,6 +9,7 @@ _MODULES = {
     "generate": "pipeline.stages.generate",
     "explain": "pipeline.stages.explain",
     "score": "pipeline.stages.score",
+    "compact": "pipeline.stages.compact",
     "report": "pipeline.stages.report",
 }
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.dataset as ds
 
 from pipeline.datasets import shard_of
 
@@ -16,15 +17,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 def shard_samples(ctx, columns: list[str] | None = None) -> pd.DataFrame:
     """samples/ rows of this invocation: `dataset.limit` (first N image ids) and the shard
-    (`dataset.shard` of `dataset.num_shards`, by the image id's hash) applied, sorted by sample_id."""
+    (`dataset.shard` of `dataset.num_shards`, by the image id's hash) applied, sorted by sample_id.
+
+    Reads this shard's folder; samples written under another sharding (load run unsharded, say)
+    are found by the hash of their image ids. `dataset.limit` needs every image id of the run
+    (one column), as it counts images across shards."""
     cols = None if columns is None else sorted(set(columns) | {"sample_id", "image_id"})
-    df = ctx.store.table("samples").read(columns=cols)
     d = ctx.cfg.dataset
+    own, foreign = ctx.store.table("samples").shard_parts(d.shard, d.num_shards)
+    frames = [ctx.store.table("samples").read(columns=cols, parts=own)]
+    if foreign:
+        ids = ctx.store.table("samples").read(columns=["image_id"], parts=foreign)["image_id"].unique()
+        mine = [i for i in ids if d.num_shards == 1 or shard_of(i, d.num_shards) == d.shard]
+        frames.append(ctx.store.table("samples").read(columns=cols, parts=foreign,
+                                                      filter=ds.field("image_id").isin(mine)))
+    df = pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True)
+    df = df.drop_duplicates("sample_id")
     if d.limit is not None:
-        keep = sorted(df["image_id"].unique())[: d.limit]
-        df = df[df["image_id"].isin(keep)]
-    if d.num_shards > 1:
-        df = df[df["image_id"].map(lambda i: shard_of(i, d.num_shards) == d.shard)]
+        every = ctx.store.table("samples").read(columns=["image_id"])["image_id"].unique()
+        df = df[df["image_id"].isin(sorted(every)[: d.limit])]
     return df.sort_values("sample_id").reset_index(drop=True)
 
 

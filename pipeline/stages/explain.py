@@ -6,8 +6,12 @@ token span, and explained by every method of `explain.methods` with ONE forward 
 stored sequence (see pipeline.relevancy; `occlusion` adds batched perturbed passes). A finding
 the answer does not mention (the finding a yes/no prompt asks about, or one the dataset labels
 positive) gets a row with status="not_mentioned" and no map: it is recorded as not explained,
-never replaced by another target. Every (sample, method) gets at least one row, which is how a
-resumed run knows it is done.
+never replaced by another target.
+
+Resume is exact per unit of work, a (sample, target kind, method): every unit gets at least one
+row (a kind with no target in the answer: one row with status "no_targets" and that kind), so a
+resumed run computes exactly the units it lacks. Adding a method or a target kind to a finished
+run explains just those; removing one deletes nothing. Only this shard's rows are read.
 
 Faithfulness (pipeline.relevancy.perturbation): every relevancy row with status "ok" whose
 method is in `explain.methods` and whose target kind is in `metrics.faithfulness_kinds` (and in
@@ -110,30 +114,24 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 
 def _stored_pending(ctx, sample_ids: set[str], methods: list[str], done: set[tuple], skip: set[str]) -> dict[str, list]:
-    """Stored "ok" relevancy rows of `sample_ids` and `methods` whose key has no faithfulness row.
-
-    Returns sample_id -> [(key, token_end, image_map)]; maps are read only for those samples.
-    """
+    """This shard's stored "ok" relevancy rows of `sample_ids` and `methods` whose key has no
+    faithfulness row. Returns sample_id -> [(key, token_end, image_map)]; maps are read only for
+    those samples."""
     import numpy as np
     import pyarrow.dataset as ds
 
-    table = ctx.store.table("relevancy")
-    parts = table.parts()
-    if not parts:
-        return {}
-    keys = table.read(columns=[*KEY, "status"])
-    keys = keys[(keys["status"] == "ok") & keys["sample_id"].isin(sample_ids) & keys["method"].isin(methods)
-                & ~keys["sample_id"].isin(skip)]
+    ok = ds.field("status") == "ok"
+    keys = ctx.view.read("relevancy", [*KEY, "status"], filter=ok,
+                         foreign_filter=ds.field("sample_id").isin(sorted(sample_ids)))
+    keys = keys[keys["sample_id"].isin(sample_ids) & keys["method"].isin(methods) & ~keys["sample_id"].isin(skip)]
     rows = keys[list(KEY)].itertuples(index=False, name=None)
     missing = np.fromiter((k not in done for k in rows), dtype=bool, count=len(keys))
     keys = keys.loc[missing]
     if keys.empty:
         return {}
-    wanted = sorted(set(keys["sample_id"]))
-    df = ds.dataset([str(p) for p in parts], schema=table.spec.schema, format="parquet").to_table(
-        columns=[*KEY, "status", "token_end", "image_map"],
-        filter=ds.field("sample_id").isin(wanted) & (ds.field("status") == "ok"),
-    ).to_pandas()
+    wanted = ds.field("sample_id").isin(sorted(set(keys["sample_id"])))
+    df = ctx.view.read("relevancy", [*KEY, "status", "token_end", "image_map"], filter=wanted & ok,
+                       foreign_filter=wanted)
     df = df[df["method"].isin(methods)].drop_duplicates(list(KEY))
     out: dict[str, list] = {}
     for row in df.itertuples(index=False):
@@ -157,7 +155,56 @@ def _faithfulness_rows(loaded, inputs, pairs: list, cfg, sample_id: str, shard: 
     return [{**dict(zip(KEY, key)), **res.columns(), "shard": shard} for (key, _, _), res in zip(pairs, results)]
 
 
+def _done_units(ctx, sample_ids: list[str]) -> dict[str, set[tuple[str, str]]]:
+    """sample_id -> {(target kind, method)} with a relevancy row in this shard."""
+    import pyarrow.dataset as ds
+
+    df = ctx.view.read("relevancy", ["sample_id", "target_kind", "method"],
+                       foreign_filter=ds.field("sample_id").isin(sample_ids)).drop_duplicates()
+    done: dict[str, set[tuple[str, str]]] = {}
+    for sid, kind, method in df.itertuples(index=False, name=None):
+        done.setdefault(sid, set()).add((kind, method))
+    return done
+
+
+def _target_rows(sid: str, out, targets, not_mentioned, missing: set[tuple[str, str]], methods: list[str],
+                 seconds: float, shard: int) -> list[dict[str, Any]]:
+    """relevancy/ rows of the `missing` (kind, method) units of one sample, in `methods` order."""
+    rows = []
+    spans = list(dict.fromkeys((t.token_start, t.token_end) for t in targets))
+    for method in methods:
+        covered = set()
+        for t in targets:
+            if (t.kind, method) not in missing:
+                continue
+            res = out.results[spans.index((t.token_start, t.token_end))]
+            mm = res.maps[method]
+            rows.append({
+                **_base_row(sid, method, shard),
+                "target_kind": t.kind, "target_label": t.label,
+                "token_start": t.token_start, "token_end": t.token_end,
+                "char_start": t.char_start, "char_end": t.char_end, "matched_text": t.matched_text,
+                "status": "ok", "grid_h": out.grid_h, "grid_w": out.grid_w,
+                "image_map": mm.image_map.reshape(-1).tolist(),
+                "text_map": None if mm.text_map is None else mm.text_map.tolist(),
+                "target_score": res.score, "argmax_matches": out.argmax_matches,
+                "image_tokens_ok": out.image_tokens_ok, "seconds": seconds,
+            })
+            covered.add(t.kind)
+        for label in not_mentioned:
+            kind = "keywords" if label != "yes/no" else "answer_token"
+            if (kind, method) in missing:
+                rows.append({**_base_row(sid, method, shard), "target_kind": kind, "target_label": label,
+                             "token_start": -1, "token_end": -1, "status": "not_mentioned"})
+                covered.add(kind)
+        for kind in sorted({k for k, m in missing if m == method} - covered):
+            rows.append({**_base_row(sid, method, shard), "target_kind": kind, "target_label": "",
+                         "token_start": -1, "token_end": -1, "status": "no_targets"})
+    return rows
+
+
 def run(ctx) -> dict[str, Any]:
+    import pyarrow.dataset as ds
     import torch
 
     from pipeline.generation import model_inputs_for_sequence
@@ -170,26 +217,32 @@ def run(ctx) -> dict[str, Any]:
     synonyms = finding_synonyms(cfg.prompts)
     faithfulness = faithfulness_enabled(cfg)
     samples = shard_samples(ctx)
-    gens = ctx.store.table("generations").read()
-    gens = gens[gens["sample_id"].isin(set(samples["sample_id"]))]
-    done = {}
-    for sid, method in ctx.store.table("relevancy").read(columns=["sample_id", "method"]).drop_duplicates().itertuples(index=False):
-        done.setdefault(sid, set()).add(method)
-    failed = ctx.store.error_keys("explain") if not cfg.retry_errors else set()
+    ids = sorted(samples["sample_id"])
+    only = ds.field("sample_id").isin(ids)
+    gens = ctx.view.read("generations", foreign_filter=only)
+    gens = gens[gens["sample_id"].isin(set(ids))].drop_duplicates("sample_id")
+    done = _done_units(ctx, ids)
+    failed = ctx.view.error_keys("explain", only) if not cfg.retry_errors else set()
     faith_done: set[tuple] = set()
     faith_failed: set[str] = set()
     pending: dict[str, list] = {}
     if faithfulness:
-        faith_done = ctx.store.table("faithfulness").keys()
-        faith_failed = ctx.store.error_keys("faithfulness") if not cfg.retry_errors else set()
+        faith_done = ctx.view.keys("faithfulness", foreign_filter=only)
+        faith_failed = ctx.view.error_keys("faithfulness", only) if not cfg.retry_errors else set()
         pending = _stored_pending(ctx, set(gens["sample_id"]), methods, faith_done, faith_failed)
         pending = {sid: [p for p in pairs if _faithful_kind(p[0][1], faith_kinds)] for sid, pairs in pending.items()}
         pending = {sid: pairs for sid, pairs in pending.items() if pairs}
     explorer = explorer_samples(gens, cfg.explain.explorer_samples)
+
+    def missing_units(sid: str) -> set[tuple[str, str]]:
+        if sid in failed:
+            return set()
+        sample_kinds = kinds | {"answer_tokens"} if sid in explorer else kinds
+        return {(k, m) for k in sample_kinds for m in methods} - done.get(sid, set())
+
     by_id = samples.set_index("sample_id", drop=False)
     todo = [g for g in gens.sort_values("sample_id").to_dict("records")
-            if (g["sample_id"] not in failed and set(methods) - done.get(g["sample_id"], set()))
-            or g["sample_id"] in pending]
+            if missing_units(g["sample_id"]) or g["sample_id"] in pending]
     log.info("explain: %d generations in this shard, %d to do, methods=%s targets=%s faithfulness=%s",
              len(gens), len(todo), methods, sorted(kinds), faithfulness)
     summary = {"samples": len(gens), "explained": 0, "rows": 0, "errors": 0}
@@ -207,7 +260,8 @@ def run(ctx) -> dict[str, Any]:
         for gen in ctx.progress(todo, total=len(todo), desc="explain"):
             sid = gen["sample_id"]
             sample = by_id.loc[sid].to_dict()
-            todo_methods = [] if sid in failed else [m for m in methods if m not in done.get(sid, set())]
+            missing = missing_units(sid)
+            todo_methods = [m for m in methods if any(mm == m for _, mm in missing)]
             cache: dict[str, Any] = {}
 
             def inputs() -> dict[str, Any]:
@@ -217,11 +271,11 @@ def run(ctx) -> dict[str, Any]:
                 return cache["inputs"]
 
             new_pairs: list = []
-            if todo_methods:
+            if missing:
                 t0 = time.perf_counter()
                 try:
-                    sample_kinds = kinds | {"answer_tokens"} if sid in explorer else kinds
-                    targets, not_mentioned = select_targets(loaded.tokenizer, gen, sample, sample_kinds, synonyms)
+                    todo_kinds = {k for k, _ in missing}
+                    targets, not_mentioned = select_targets(loaded.tokenizer, gen, sample, todo_kinds, synonyms)
                     spans = list(dict.fromkeys((t.token_start, t.token_end) for t in targets))
                     out = None
                     if spans:
@@ -235,36 +289,15 @@ def run(ctx) -> dict[str, Any]:
                 except Exception as e:  # one sample failing (OOM, bad image) is an error row
                     if isinstance(e, torch.cuda.OutOfMemoryError):
                         torch.cuda.empty_cache()
-                    ctx.store.record_error("explain", sid, e, image_id=sample["image_id"], shard=ctx.shard)
+                    ctx.record_error("explain", sid, e, image_id=sample["image_id"])
                     summary["errors"] += 1
                 else:
                     seconds = (time.perf_counter() - t0) / max(len(spans), 1)
-                    rows = []
-                    for method in todo_methods:
-                        for t in targets:
-                            res = out.results[spans.index((t.token_start, t.token_end))]
-                            mm = res.maps[method]
-                            rows.append({
-                                **_base_row(sid, method, ctx.shard),
-                                "target_kind": t.kind, "target_label": t.label,
-                                "token_start": t.token_start, "token_end": t.token_end,
-                                "char_start": t.char_start, "char_end": t.char_end, "matched_text": t.matched_text,
-                                "status": "ok", "grid_h": out.grid_h, "grid_w": out.grid_w,
-                                "image_map": mm.image_map.reshape(-1).tolist(),
-                                "text_map": None if mm.text_map is None else mm.text_map.tolist(),
-                                "target_score": res.score, "argmax_matches": out.argmax_matches,
-                                "image_tokens_ok": out.image_tokens_ok, "seconds": seconds,
-                            })
-                            key = (sid, t.kind, t.label, t.token_start, method)
-                            if key not in faith_done and _faithful_kind(t.kind, faith_kinds):
-                                new_pairs.append((key, t.token_end, mm.image_map))
-                        for label in not_mentioned:
-                            rows.append({**_base_row(sid, method, ctx.shard), "target_kind": "keywords"
-                                         if label != "yes/no" else "answer_token", "target_label": label,
-                                         "token_start": -1, "token_end": -1, "status": "not_mentioned"})
-                        if not targets and not not_mentioned:
-                            rows.append({**_base_row(sid, method, ctx.shard), "target_kind": "", "target_label": "",
-                                         "token_start": -1, "token_end": -1, "status": "no_targets"})
+                    rows = _target_rows(sid, out, targets, not_mentioned, missing, todo_methods, seconds, ctx.shard)
+                    for r in rows:
+                        key = tuple(r[k] for k in KEY)
+                        if r["status"] == "ok" and key not in faith_done and _faithful_kind(r["target_kind"], faith_kinds):
+                            new_pairs.append((key, r["token_end"], r["image_map"]))
                     writer.add(rows)
                     summary["rows"] += len(rows)
                     summary["explained"] += 1
@@ -277,7 +310,7 @@ def run(ctx) -> dict[str, Any]:
                 except Exception as e:  # never a crash: an errors/ row for this sample
                     if isinstance(e, torch.cuda.OutOfMemoryError):
                         torch.cuda.empty_cache()
-                    ctx.store.record_error("faithfulness", sid, e, image_id=sample["image_id"], shard=ctx.shard)
+                    ctx.record_error("faithfulness", sid, e, image_id=sample["image_id"])
                     summary["faithfulness_errors"] += 1
                 else:
                     faith_writer.add(faith_rows)

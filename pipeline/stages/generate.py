@@ -20,7 +20,7 @@ def run(ctx) -> dict[str, Any]:
 
     cfg = ctx.cfg
     samples = shard_samples(ctx, ["image_path", "prompt_text"])
-    skip = ctx.skip_keys("generations", "generate")
+    skip = ctx.skip_keys("generations", "generate", samples["sample_id"])
     todo = samples[~samples["sample_id"].isin(skip)]
     log.info("generate: %d samples in this shard, %d to do", len(samples), len(todo))
     if todo.empty:
@@ -39,7 +39,7 @@ def run(ctx) -> dict[str, Any]:
                     prompts.append(r["prompt_text"])
                     keep.append(r)
                 except Exception as e:
-                    ctx.store.record_error("generate", r["sample_id"], e, image_id=r["image_id"], shard=ctx.shard)
+                    ctx.record_error("generate", r["sample_id"], e, image_id=r["image_id"])
                     n_err += 1
             t0 = time.perf_counter()
             results = generate_batch(loaded, images, prompts, system_prompt=cfg.prompts.system_prompt,
@@ -47,7 +47,7 @@ def run(ctx) -> dict[str, Any]:
             per_sample = (time.perf_counter() - t0) / max(len(keep), 1)
             for r, res in zip(keep, results):
                 if isinstance(res, Exception):
-                    ctx.store.record_error("generate", r["sample_id"], res, image_id=r["image_id"], shard=ctx.shard)
+                    ctx.record_error("generate", r["sample_id"], res, image_id=r["image_id"])
                     n_err += 1
                     continue
                 writer.add({

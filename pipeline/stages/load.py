@@ -1,8 +1,9 @@
-"""Stage `load`: dataset images x prompt variants -> samples/.
+"""Stage `load`: dataset images x prompt variants -> samples/, body masks -> body_masks/.
 
 Each selected image is decoded in full (so corrupt, truncated or odd files fail here, as one
 errors/ row each, and later stages only see images that read) and one row is written per prompt
-variant. Boxes are rescaled to the decoded image's pixel size.
+variant. Boxes are rescaled to the decoded image's pixel size. The image's body mask is computed
+from the same decoded pixels (pipeline.body_masks) for the score stage.
 """
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import hashlib
 import logging
 from typing import Any
 
+import pyarrow.dataset as ds
+
+from pipeline.body_masks import mask_row
 from pipeline.datasets import fingerprint, get_dataset, select
 from pipeline.images import read_image
 from pipeline.prompts import Prompt, prompt_variants, sample_id
@@ -72,24 +76,28 @@ def run(ctx) -> dict[str, Any]:
     prompts = prompt_variants(cfg.prompts)
     if not prompts:
         log.warning("the prompt set %s has no variants after filtering: no samples", cfg.prompts.name)
-    samples = ctx.store.table("samples")
-    done = set(samples.read(columns=["image_id"])["image_id"])
-    failed = ctx.store.error_keys("load") if not cfg.retry_errors else set()
+    ids = [r.image_id for r in selected]
+    done = set(ctx.view.read("samples", ["image_id"], foreign_filter=ds.field("image_id").isin(ids))["image_id"])
+    star_ids = [sample_id(r.dataset, r.image_id, "*") for r in selected]
+    failed = set() if cfg.retry_errors else ctx.view.error_keys("load", ds.field("sample_id").isin(star_ids))
     todo = [r for r in selected if r.image_id not in done and sample_id(r.dataset, r.image_id, "*") not in failed]
     log.info("load: %d images selected (%d in all), %d already done, %d to read",
              len(selected), len(records), len(selected) - len(todo), len(todo))
     n_rows = n_err = 0
-    with ctx.writer("samples") as writer:
+    with ctx.writer("samples") as writer, ctx.writer("body_masks") as mask_writer:
         for rec in ctx.progress(todo, total=len(todo), desc="load"):
             try:
                 img = read_image(rec.image_path, max_pixels=cfg.dataset.max_pixels)
-                rows = sample_rows(rec, img.width, img.height, _sha256(rec.image_path), prompts, ctx.shard)
+                digest = _sha256(rec.image_path)
+                rows = sample_rows(rec, img.width, img.height, digest, prompts, ctx.shard)
             except Exception as e:  # one bad image is an error row, never the end of the run
-                ctx.store.record_error("load", sample_id(rec.dataset, rec.image_id, "*"), e,
-                                       image_id=rec.image_id, shard=ctx.shard, detail=rec.image_path)
+                ctx.record_error("load", sample_id(rec.dataset, rec.image_id, "*"), e, image_id=rec.image_id,
+                                 detail=rec.image_path)
                 n_err += 1
                 continue
+            mask_writer.add(mask_row(rec.image_id, digest, img.pixels, ctx.shard))
             writer.add(rows)
             n_rows += len(rows)
+            mask_writer.maybe_flush()
             writer.maybe_flush()
     return {"images_selected": len(selected), "images_read": len(todo) - n_err, "rows": n_rows, "errors": n_err}

@@ -4,9 +4,10 @@ metrics/: one row per relevancy row with status "ok": every score of `metrics.sc
 on the original image (non-uniform scaling), with localisation against the boxes of the target's
 own finding: a keyword target's finding, a laterality word's finding (the one it places), or the
 finding a yes/no prompt asks about for answer_token and answer_span targets (other targets are
-not localised). Pass/fail flags use the
-thresholds in `conf/metrics/`. Body masks are computed once per image and cached in
-`<run_dir>/cache/body_masks/`.
+not localised). Pass/fail flags are not stored: they are derived where they are reported, from
+these raw scores and the thresholds in force (`metrics.quality`, `conf/metrics/`). Body masks
+come from body_masks/ (written by the load stage; computed and stored here for images that have
+none). Only this shard's rows are read.
 
 sensitivity/: for each image, target and method, every pair of prompt variants that both have a
 map for it: Jensen-Shannon divergence (bits) and distance of their maps, both answers, their
@@ -23,18 +24,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 
+from pipeline.body_masks import ShardBodyMasks
 from pipeline.stages.common import shard_samples
 from pipeline.vocabulary import label_column
 
 log = logging.getLogger(__name__)
 
-FRONTAL = ("PA", "AP")
 SCORE_KEYS = ("mass", "inside_body_ratio", "border_fraction", "entropy_bits", "entropy_norm", "patient_left_fraction",
               "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit", "box_mass_fraction",
               "box_area_fraction", "box_iou", "body_area_fraction")
@@ -70,63 +71,15 @@ def finding_side(boxes: list[dict], width: int) -> str | None:
     return sides.pop() if len(sides) == 1 else "bilateral"
 
 
-def _is_frontal(view: str) -> bool:
-    return str(view or "").upper().split(" ")[0] in FRONTAL if view else False
-
-
-class BodyMaskCache:
-    """Body masks computed once per image, kept in memory and as PNGs under the run directory."""
-
-    def __init__(self, root: Path, max_pixels: int):
-        self.root = root
-        self.max_pixels = max_pixels
-        self.memory: dict[str, np.ndarray] = {}
-
-    def get(self, image_path: str, digest: str) -> np.ndarray:
-        if digest in self.memory:
-            return self.memory[digest]
-        from PIL import Image
-
-        path = self.root / f"{digest}.png"
-        if path.is_file():
-            mask = np.asarray(Image.open(path)) > 0
-        else:
-            import metrics
-            from pipeline.images import read_image
-
-            mask = metrics.body_mask(read_image(image_path, max_pixels=self.max_pixels).pixels)
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{path.name}")
-            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
-            tmp.replace(path)
-        if len(self.memory) > 256:
-            self.memory.clear()
-        self.memory[digest] = mask
-        return mask
-
-
-def _flags(s: dict[str, float], view: str, mcfg) -> dict[str, Any]:
-    def ok(value: float, test) -> bool | None:
-        return None if value is None or np.isnan(value) else bool(test(value))
-
-    lo, hi = mcfg.left_fraction_range
-    return {
-        "pass_inside_body": ok(s["inside_body_ratio"], lambda v: v >= mcfg.min_inside_body_ratio),
-        "pass_border": ok(s["border_fraction"], lambda v: v <= mcfg.max_border_fraction),
-        "pass_entropy": ok(s["entropy_norm"], lambda v: v <= mcfg.max_entropy_norm),
-        "pass_laterality_balance": ok(s["patient_left_fraction"], lambda v: lo <= v <= hi) if _is_frontal(view) else None,
-    }
-
-
 def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame) -> tuple[int, int]:
     import metrics
 
     cfg = ctx.cfg
-    done = ctx.store.table("metrics").keys()
+    done = ctx.view.keys("metrics", foreign_filter=ds.field("sample_id").isin(sorted(samples["sample_id"])))
     rel = rel[[tuple(k) not in done for k in rel[KEYS].itertuples(index=False, name=None)]]
     if rel.empty:
         return 0, 0
-    masks = BodyMaskCache(ctx.store.root / "cache" / "body_masks", cfg.dataset.max_pixels)
+    masks = ShardBodyMasks(ctx.view, sorted(rel["image_id"].unique()), cfg.dataset.max_pixels)
     by_id = samples.set_index("sample_id")
     n_rows = n_err = 0
     with ctx.writer("metrics") as writer:
@@ -134,10 +87,10 @@ def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame) -> tuple[int, i
         for image_id, grp in ctx.progress(groups, total=groups.ngroups, desc="score"):
             first = by_id.loc[grp["sample_id"].iloc[0]]
             try:
-                mask = masks.get(first["image_path"], first["image_sha256"])
+                mask = masks.get(image_id, first["image_path"], first["image_sha256"])
             except Exception as e:  # e.g. a constant image has no body to find
                 for sid in grp["sample_id"].unique():
-                    ctx.store.record_error("score", sid, e, image_id=image_id, shard=ctx.shard)
+                    ctx.record_error("score", sid, e, image_id=image_id)
                     n_err += 1
                 continue
             scorers: dict[Any, Any] = {}
@@ -156,11 +109,11 @@ def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame) -> tuple[int, i
                     "view_position": s["view_position"], "finding": finding,
                     "finding_side": finding_side(boxes, int(s["width"])), "n_boxes": len(boxes),
                     **{k: sc.get(k, np.nan) for k in SCORE_KEYS},
-                    **_flags(sc, s["view_position"], cfg.metrics),
                     "shard": ctx.shard,
                 })
                 n_rows += 1
             writer.maybe_flush()
+    masks.save()
     return n_rows, n_err
 
 
@@ -172,14 +125,15 @@ def _normalised(grid: np.ndarray) -> np.ndarray | None:
 def _sensitivity_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, gens: pd.DataFrame) -> int:
     import metrics
 
-    cfg = ctx.cfg
+    if rel.empty:
+        return 0
     s = samples.set_index("sample_id")
     answer_of = dict(zip(gens["sample_id"], gens["answer"]))
     rel = rel.join(s[["prompt_id", "prompt_kind", "prompt_finding", "prompt_style", "format_instruction"]], on="sample_id")
     rel["group"] = [sensitivity_label(k, lab, pk, pf) for k, lab, pk, pf in
                     zip(rel["target_kind"], rel["target_label"], rel["prompt_kind"], rel["prompt_finding"])]
     rel = rel[rel["group"].notna()]
-    done = ctx.store.table("sensitivity").keys()
+    done = ctx.view.keys("sensitivity", foreign_filter=ds.field("image_id").isin(sorted(samples["image_id"].unique())))
     rows = []
     for (image_id, kind, group, method), grp in rel.groupby(["image_id", "target_kind", "group", "method"], sort=True):
         maps = {}
@@ -203,7 +157,7 @@ def _sensitivity_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, gens: pd.Da
                 "format_b": bool(pb["format_instruction"]), "js_divergence": js, "js_distance": float(np.sqrt(js)),
                 "answer_a": answer_of.get(a), "answer_b": answer_of.get(b), "parsed_a": parsed[0], "parsed_b": parsed[1],
                 "answers_agree": None if None in parsed or "unparsed" in parsed else parsed[0] == parsed[1],
-                "pass_js": None if np.isnan(js) else bool(js <= cfg.metrics.max_js_divergence), "shard": ctx.shard,
+                "shard": ctx.shard,
             })
     with ctx.writer("sensitivity") as writer:
         writer.add(rows)
@@ -216,7 +170,7 @@ LABEL_STATES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
 def _answer_rows(ctx, samples: pd.DataFrame, gens: pd.DataFrame) -> int:
     import metrics
 
-    done = {k[0] for k in ctx.store.table("answers").keys()}
+    done = {k[0] for k in ctx.view.keys("answers", foreign_filter=ds.field("sample_id").isin(sorted(samples["sample_id"])))}
     yn = samples[(samples["prompt_kind"] == "yes_no") & ~samples["sample_id"].isin(done)]
     answer_of = dict(zip(gens["sample_id"], gens["answer"]))
     rows = []
@@ -241,11 +195,13 @@ def _answer_rows(ctx, samples: pd.DataFrame, gens: pd.DataFrame) -> int:
 def run(ctx) -> dict[str, Any]:
     samples = shard_samples(ctx)
     ids = set(samples["sample_id"])
-    rel = ctx.store.table("relevancy").read(
-        columns=KEYS + ["status", "grid_h", "grid_w", "image_map"])
-    rel = rel[(rel["status"] == "ok") & rel["sample_id"].isin(ids)]
-    rel = rel.join(samples.set_index("sample_id")[["image_id"]], on="sample_id")
-    gens = ctx.store.table("generations").read(columns=["sample_id", "answer"])
+    only = ds.field("sample_id").isin(sorted(ids))
+    rel = ctx.view.read("relevancy", KEYS + ["status", "grid_h", "grid_w", "image_map"],
+                        filter=ds.field("status") == "ok", foreign_filter=only)
+    rel = rel[rel["sample_id"].isin(ids)].drop_duplicates(KEYS)
+    image_of = dict(zip(samples["sample_id"], samples["image_id"]))
+    rel = rel.assign(image_id=[image_of[s] for s in rel["sample_id"]])
+    gens = ctx.view.read("generations", ["sample_id", "answer"], foreign_filter=only)
     gens = gens[gens["sample_id"].isin(ids)]
     n_metrics, n_err = _metrics_rows(ctx, samples, rel)
     n_sens = _sensitivity_rows(ctx, samples, rel, gens)
