@@ -88,7 +88,7 @@ for table in ("samples", "generations", "relevancy", "faithfulness", "metrics", 
         if table == "errors" and t.num_rows:
             print(t.to_pandas().head(10).to_string())
 EOF
-  grep -h "stage .* done" "$run/run_pipeline.log" | cut -c1-160
+  grep -h "stage .* done" "$run"/logs/*.log | cut -c1-160
   cp "$run/report/report.md" "$OUT/e2e_report.md" 2>/dev/null
   return 0
 }

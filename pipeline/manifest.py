@@ -73,22 +73,45 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _difference(key: str, was: Any, now: Any, limit: int = 120) -> str:
+    """One identity key's change, short: the differing sub-keys of a mapping, values abridged."""
+    if isinstance(was, dict) and isinstance(now, dict):
+        subs = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        return "; ".join(_difference(f"{key}.{k}", was.get(k), now.get(k), limit) for k in subs)
+
+    def short(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    return f"{key}: run has {short(was)}, now {short(now)}"
+
+
+def refuse_changed_identity(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The run's manifest.json (None for a new run); ConfigError naming the keys when `cfg`
+    changes what the run's rows mean (unless allow_config_change). Writes nothing."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return None
+    ident = identity(cfg)
+    old = json.loads(path.read_text())
+    diff = sorted(k for k in set(ident) | set(old.get("identity", {}))
+                  if ident.get(k) != old.get("identity", {}).get(k))
+    if diff and not cfg.allow_config_change:
+        details = "; ".join(_difference(k, old["identity"].get(k), ident.get(k)) for k in diff)
+        raise ConfigError(f"run_dir={run_dir} was made with a different configuration ({details}). "
+                          "Use a new run_dir, or allow_config_change=true to resume anyway.")
+    return old
+
+
 def check_identity(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     """Write run_dir/manifest.json on first use; on resume refuse a different identity config."""
-    ident = identity(cfg)
-    path = run_dir / "manifest.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(ident) | set(old.get("identity", {}))
-                      if ident.get(k) != old.get("identity", {}).get(k))
-        if diff and not cfg.allow_config_change:
-            details = "; ".join(f"{k}: run has {old['identity'].get(k)!r}, now {ident.get(k)!r}" for k in diff)
-            raise ConfigError(f"run_dir={run_dir} was made with a different configuration ({details}). "
-                              "Use a new run_dir, or allow_config_change=true to resume anyway.")
+    old = refuse_changed_identity(run_dir, cfg)
+    if old is not None:
         return old
+    ident = identity(cfg)
     manifest = {"created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "identity": ident,
                 "config_hash": config_hash(ident)}
-    write_json_atomic(path, manifest)
+    write_json_atomic(run_dir / "manifest.json", manifest)
     return manifest
 
 

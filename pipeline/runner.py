@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from pipeline.config import validate
 from pipeline.locks import report_lock, run_lock, shard_lock
-from pipeline.manifest import InvocationManifest, check_identity
+from pipeline.manifest import InvocationManifest, check_identity, refuse_changed_identity
 from pipeline.stages import get_stage
 from pipeline.store import PartWriter, RunStore, ShardView
 
@@ -63,16 +64,33 @@ def _locks(cfg: DictConfig, run_dir: Path) -> ExitStack:
     return stack
 
 
+@contextmanager
+def _log_file(path: Path) -> Iterator[None]:
+    """Copy the log records of this invocation into `path` for the duration."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def run(cfg: DictConfig) -> RunContext:
-    """Validate the config, check the run directory's identity, then run each stage under the
-    shard's lock."""
+    """Validate the config, check the run directory's identity (a refused config writes nothing
+    into it), then run each stage under the shard's lock, logging into RUN/logs/."""
     validate(cfg)
     run_dir = Path(cfg.run_dir)
+    refuse_changed_identity(run_dir, cfg)
     store = RunStore(run_dir)
-    with _locks(cfg, run_dir):
+    with _locks(cfg, run_dir), ExitStack() as logging_to_file:
         with run_lock(run_dir):
             check_identity(run_dir, cfg)
             manifest = InvocationManifest(run_dir, cfg)
+        logging_to_file.enter_context(_log_file(run_dir / "logs" / manifest.path.with_suffix(".log").name))
         d = cfg.dataset
         view = store.shard(d.shard, d.num_shards, flush_mb=cfg.flush_mb, flush_seconds=cfg.flush_seconds)
         ctx = RunContext(cfg=cfg, store=store, view=view, manifest=manifest, shard=d.shard, cache={})

@@ -25,6 +25,7 @@ class Box:
     h: float
     ref_width: float | None = None
     ref_height: float | None = None
+    origin: str = ""  # where it was read, e.g. "BBox_List_2017.csv row 12" (named in error rows)
 
     def scaled_to(self, width: int, height: int) -> dict[str, Any]:
         sx = width / self.ref_width if self.ref_width else 1.0
@@ -48,6 +49,11 @@ class ImageRecord:
     report_text: str | None = None
     prompt_text: str | None = None  # a per-image prompt (manifest datasets)
     lung_mask_path: str | None = None
+    # What was wrong in the dataset files about this image, each naming the file and row:
+    # `error` rejects the image (an errors/ row of stage "load"; it is not loaded); `problems` are
+    # recorded (errors/ rows of stage "dataset") while the image is loaded, e.g. a dropped box.
+    error: str | None = None
+    problems: list[str] = field(default_factory=list)
 
 
 class CXRDataset(ABC):

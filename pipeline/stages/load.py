@@ -14,7 +14,9 @@ from typing import Any
 import pyarrow.dataset as ds
 
 from pipeline.body_masks import mask_row
+from pipeline.config import ConfigError
 from pipeline.datasets import fingerprint, get_dataset, select
+from pipeline.datasets.checks import check_boxes
 from pipeline.images import read_image
 from pipeline.prompts import Prompt, prompt_variants, sample_id
 from pipeline.vocabulary import FINDINGS, label_column
@@ -30,8 +32,16 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def sample_rows(rec, width: int, height: int, digest: str, prompts: list[Prompt], shard: int) -> list[dict[str, Any]]:
-    """The samples/ rows of one decoded image: one per prompt (or its own per-image prompt)."""
+class DatasetRowError(ValueError):
+    """The dataset's files reject this image (the loader's message names the file and row)."""
+
+    kind = "dataset"
+
+
+def sample_rows(rec, width: int, height: int, digest: str, prompts: list[Prompt], shard: int,
+                boxes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The samples/ rows of one decoded image: one per prompt (or its own per-image prompt);
+    `boxes` are the image's checked boxes in its pixels (pipeline.datasets.checks)."""
     if rec.prompt_text:
         prompts = [Prompt("manifest", rec.prompt_text, "free_text", None, "", False)]
     base = {
@@ -46,7 +56,7 @@ def sample_rows(rec, width: int, height: int, digest: str, prompts: list[Prompt]
         "split": rec.split,
         "width": width,
         "height": height,
-        "boxes": [b.scaled_to(width, height) for b in rec.boxes],
+        "boxes": boxes,
         "report_text": rec.report_text,
         "shard": shard,
     }
@@ -66,6 +76,23 @@ def sample_rows(rec, width: int, height: int, digest: str, prompts: list[Prompt]
     ]
 
 
+def _check_not_empty(cfg, records: list, unsharded: list, prompts: list) -> None:
+    """An empty selection stops the run (ConfigError naming what selected nothing): an empty run
+    directory would look like a successful one. A shard with no image of its own is fine."""
+    d = cfg.dataset
+    if not records:
+        where = d.path if d.name == "manifest" else d.root
+        raise ConfigError(f"dataset={d.name} ({where}) lists no images: nothing to do")
+    if not unsharded:
+        raise ConfigError(
+            f"dataset={d.name}: the filters selected none of its {len(records)} images "
+            f"(dataset.views={list(d.views)}, dataset.splits={list(d.splits)}, dataset.findings={list(d.findings)}, "
+            f"dataset.one_image_per_study={d.one_image_per_study}, dataset.limit={d.limit})")
+    if not any(r.prompt_text for r in unsharded) and not prompts:
+        raise ConfigError(f"prompts={cfg.prompts.name}: no prompt variant is left after prompts.only_findings="
+                          f"{list(cfg.prompts.only_findings)}: no samples")
+
+
 def run(ctx) -> dict[str, Any]:
     cfg = ctx.cfg
     dataset = get_dataset(cfg.dataset)
@@ -74,8 +101,7 @@ def run(ctx) -> dict[str, Any]:
     selected = select(records, cfg.dataset)
     ctx.manifest.update(dataset_fingerprint=fingerprint(dataset, unsharded))
     prompts = prompt_variants(cfg.prompts)
-    if not prompts:
-        log.warning("the prompt set %s has no variants after filtering: no samples", cfg.prompts.name)
+    _check_not_empty(cfg, records, unsharded, prompts)
     ids = [r.image_id for r in selected]
     done = set(ctx.view.read("samples", ["image_id"], foreign_filter=ds.field("image_id").isin(ids))["image_id"])
     star_ids = [sample_id(r.dataset, r.image_id, "*") for r in selected]
@@ -87,14 +113,20 @@ def run(ctx) -> dict[str, Any]:
     with ctx.writer("samples") as writer, ctx.writer("body_masks") as mask_writer:
         for rec in ctx.progress(todo, total=len(todo), desc="load"):
             try:
+                if rec.error:
+                    raise DatasetRowError(rec.error)
                 img = read_image(rec.image_path, max_pixels=cfg.dataset.max_pixels)
                 digest = _sha256(rec.image_path)
-                rows = sample_rows(rec, img.width, img.height, digest, prompts, ctx.shard)
+                boxes, box_notes = check_boxes(rec.boxes, img.width, img.height)
+                rows = sample_rows(rec, img.width, img.height, digest, prompts, ctx.shard, boxes)
             except Exception as e:  # one bad image is an error row, never the end of the run
                 ctx.record_error("load", sample_id(rec.dataset, rec.image_id, "*"), e, image_id=rec.image_id,
                                  detail=rec.image_path)
                 n_err += 1
                 continue
+            for note in [*rec.problems, *box_notes]:  # recorded, the image is loaded
+                ctx.record_error("dataset", sample_id(rec.dataset, rec.image_id, "*"), DatasetRowError(note),
+                                 image_id=rec.image_id, detail=rec.image_path)
             mask_writer.add(mask_row(rec.image_id, digest, img.pixels, ctx.shard))
             writer.add(rows)
             n_rows += len(rows)
