@@ -120,3 +120,20 @@ def test_shards_sharing_images_do_not_race(tmp_path, tiny_model_dir):
     assert _rows(run_dir, "errors").empty
     assert sorted(_rows(run_dir, "body_masks")["image_id"]) == sorted(by_shard[0] + by_shard[1])
     assert len(_rows(run_dir, "metrics")) == len(_rows(run_dir, "generations"))
+
+
+def test_a_bad_row_is_an_error_row_and_score_completes(tmp_path, tiny_model_dir):
+    stages = ["explain.targets=[answer_span]", "explain.methods=[chefer]"]
+    _run(tmp_path, tiny_model_dir, "stages=[load,generate,explain]", *stages)
+    rel = _rows(tmp_path, "relevancy")
+    bad = rel[rel["status"] == "ok"].iloc[0].to_dict()
+    n_ok = (rel["status"] == "ok").sum()
+    # a malformed map (grid of 4 x 4 with 5 values) under a new method name, in this shard's folder
+    RunStore(tmp_path).shard(0, 1).write_rows("relevancy", [{**bad, "method": "random", "image_map": [1.0] * 5}])
+    for _ in range(2):  # the failure is recorded once, not again on resume
+        _run(tmp_path, tiny_model_dir, "stages=[score]", *stages)
+    errors = _rows(tmp_path, "errors")
+    assert list(errors["stage"]) == ["score"] and list(errors["sample_id"]) == [bad["sample_id"]]
+    assert "reshape" in errors["message"].iloc[0]
+    scored = _rows(tmp_path, "metrics")  # every other row, the bad sample's chefer row included
+    assert len(scored) == n_ok and set(scored["method"]) == {"chefer"}

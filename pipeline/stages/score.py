@@ -71,17 +71,46 @@ def finding_side(boxes: list[dict], width: int) -> str | None:
     return sides.pop() if len(sides) == 1 else "bilateral"
 
 
-def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame) -> tuple[int, int]:
+def _metric_row(r: dict[str, Any], s: pd.Series, image_id: str, mask: np.ndarray, scorers: dict, shard: int) -> dict[str, Any]:
+    """The metrics/ row of one relevancy row `r` of sample `s` (scorers cached per image)."""
     import metrics
 
-    cfg = ctx.cfg
-    done = ctx.view.keys("metrics", foreign_filter=ds.field("sample_id").isin(sorted(samples["sample_id"])))
-    rel = rel[[tuple(k) not in done for k in rel[KEYS].itertuples(index=False, name=None)]]
+    finding = localisation_finding(r["target_kind"], r["target_label"], s["prompt_kind"], s["prompt_finding"])
+    boxes = [b for b in (s["boxes"] if s["boxes"] is not None else []) if finding and b["finding"] == finding]
+    key = (finding if boxes else None, s["view_position"])
+    if key not in scorers:
+        scorers[key] = metrics.MapScorer(mask, s["view_position"], [(b["x"], b["y"], b["w"], b["h"]) for b in boxes] or None)
+    grid = np.asarray(r["image_map"], dtype=np.float64).reshape(int(r["grid_h"]), int(r["grid_w"]))
+    sc = scorers[key].score(grid)
+    return {
+        **{k: r[k] for k in KEYS},
+        "image_id": image_id, "prompt_id": s["prompt_id"], "prompt_kind": s["prompt_kind"],
+        "view_position": s["view_position"], "finding": finding,
+        "finding_side": finding_side(boxes, int(s["width"])), "n_boxes": len(boxes),
+        **{k: sc.get(k, np.nan) for k in SCORE_KEYS},
+        "shard": shard,
+    }
+
+
+def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame) -> tuple[int, int]:
+    """metrics/ rows of this shard's relevancy rows that have none; a row that cannot be scored
+    (an image with no body mask, a malformed map or box) is an errors/ row of its sample, once,
+    and is not tried again on resume unless retry_errors."""
+    only = ds.field("sample_id").isin(sorted(samples["sample_id"]))
+    done = ctx.view.keys("metrics", foreign_filter=only)
+    failed = set() if ctx.cfg.retry_errors else ctx.view.error_keys("score", only)
+    rel = rel[[tuple(k) not in done and k[0] not in failed for k in rel[KEYS].itertuples(index=False, name=None)]]
     if rel.empty:
         return 0, 0
-    masks = ShardBodyMasks(ctx.view, sorted(rel["image_id"].unique()), cfg.dataset.max_pixels)
+    masks = ShardBodyMasks(ctx.view, sorted(rel["image_id"].unique()), ctx.cfg.dataset.max_pixels)
     by_id = samples.set_index("sample_id")
-    n_rows = n_err = 0
+    n_rows, errors = 0, set()
+
+    def fail(sid: str, image_id: str, e: Exception) -> None:
+        if sid not in errors:
+            ctx.record_error("score", sid, e, image_id=image_id)
+            errors.add(sid)
+
     with ctx.writer("metrics") as writer:
         groups = rel.groupby("image_id", sort=True)
         for image_id, grp in ctx.progress(groups, total=groups.ngroups, desc="score"):
@@ -90,31 +119,18 @@ def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame) -> tuple[int, i
                 mask = masks.get(image_id, first["image_path"], first["image_sha256"])
             except Exception as e:  # e.g. a constant image has no body to find
                 for sid in grp["sample_id"].unique():
-                    ctx.record_error("score", sid, e, image_id=image_id)
-                    n_err += 1
+                    fail(sid, image_id, e)
                 continue
             scorers: dict[Any, Any] = {}
             for r in grp.to_dict("records"):
-                s = by_id.loc[r["sample_id"]]
-                finding = localisation_finding(r["target_kind"], r["target_label"], s["prompt_kind"], s["prompt_finding"])
-                boxes = [b for b in (s["boxes"] if s["boxes"] is not None else []) if finding and b["finding"] == finding]
-                key = (finding if boxes else None, s["view_position"])
-                if key not in scorers:
-                    scorers[key] = metrics.MapScorer(mask, s["view_position"], [(b["x"], b["y"], b["w"], b["h"]) for b in boxes] or None)
-                grid = np.asarray(r["image_map"], dtype=np.float64).reshape(int(r["grid_h"]), int(r["grid_w"]))
-                sc = scorers[key].score(grid)
-                writer.add({
-                    **{k: r[k] for k in KEYS},
-                    "image_id": image_id, "prompt_id": s["prompt_id"], "prompt_kind": s["prompt_kind"],
-                    "view_position": s["view_position"], "finding": finding,
-                    "finding_side": finding_side(boxes, int(s["width"])), "n_boxes": len(boxes),
-                    **{k: sc.get(k, np.nan) for k in SCORE_KEYS},
-                    "shard": ctx.shard,
-                })
-                n_rows += 1
+                try:
+                    writer.add(_metric_row(r, by_id.loc[r["sample_id"]], image_id, mask, scorers, ctx.shard))
+                    n_rows += 1
+                except Exception as e:  # one bad row never stops the stage
+                    fail(r["sample_id"], image_id, e)
             writer.maybe_flush()
     masks.save()
-    return n_rows, n_err
+    return n_rows, len(errors)
 
 
 def _normalised(grid: np.ndarray) -> np.ndarray | None:
@@ -123,7 +139,6 @@ def _normalised(grid: np.ndarray) -> np.ndarray | None:
 
 
 def _sensitivity_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, gens: pd.DataFrame) -> int:
-    import metrics
 
     if rel.empty:
         return 0
@@ -134,34 +149,52 @@ def _sensitivity_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, gens: pd.Da
                     zip(rel["target_kind"], rel["target_label"], rel["prompt_kind"], rel["prompt_finding"])]
     rel = rel[rel["group"].notna()]
     done = ctx.view.keys("sensitivity", foreign_filter=ds.field("image_id").isin(sorted(samples["image_id"].unique())))
-    rows = []
+    rows: list[dict[str, Any]] = []
+    failed: set[str] = set()
     for (image_id, kind, group, method), grp in rel.groupby(["image_id", "target_kind", "group", "method"], sort=True):
-        maps = {}
-        for sid, sub in grp.groupby("sample_id"):
-            normed = [_normalised(np.asarray(m, np.float64)) for m in sub["image_map"]]
-            normed = [m for m in normed if m is not None]
-            if normed:
-                maps[sid] = np.mean(normed, axis=0)
-        for a, b in itertools.combinations(sorted(maps), 2):
-            pa, pb = s.loc[a], s.loc[b]
-            key = (image_id, kind, group, method, pa["prompt_id"], pb["prompt_id"])
-            if key in done:
-                continue
-            js = metrics.js_divergence(maps[a], maps[b])
-            parsed = [metrics.parse_yes_no(answer_of.get(x, "")) if p["prompt_kind"] == "yes_no" else None
-                      for x, p in ((a, pa), (b, pb))]
-            rows.append({
-                "image_id": image_id, "target_kind": kind, "target_label": group, "method": method,
-                "prompt_a": pa["prompt_id"], "prompt_b": pb["prompt_id"], "style_a": pa["prompt_style"],
-                "style_b": pb["prompt_style"], "format_a": bool(pa["format_instruction"]),
-                "format_b": bool(pb["format_instruction"]), "js_divergence": js, "js_distance": float(np.sqrt(js)),
-                "answer_a": answer_of.get(a), "answer_b": answer_of.get(b), "parsed_a": parsed[0], "parsed_b": parsed[1],
-                "answers_agree": None if None in parsed or "unparsed" in parsed else parsed[0] == parsed[1],
-                "shard": ctx.shard,
-            })
+        try:
+            rows += _pair_rows(ctx, s, answer_of, done, (image_id, kind, group, method), grp)
+        except Exception as e:  # one bad group never stops the stage: an errors/ row for its image
+            if image_id not in failed:
+                image_sid = grp["sample_id"].iloc[0].rsplit(":", 1)[0] + ":*"
+                ctx.record_error("sensitivity", image_sid, e, image_id=image_id, detail=f"{kind} {group} {method}")
+                failed.add(image_id)
     with ctx.writer("sensitivity") as writer:
         writer.add(rows)
     return len(rows)
+
+
+def _pair_rows(ctx, s: pd.DataFrame, answer_of: dict, done: set, group_key: tuple, grp: pd.DataFrame) -> list[dict]:
+    """sensitivity/ rows of one (image, target kind, target group, method): every pair of prompt
+    variants with a map, unless already stored."""
+    import metrics
+
+    image_id, kind, group, method = group_key
+    rows = []
+    maps = {}
+    for sid, sub in grp.groupby("sample_id"):
+        normed = [_normalised(np.asarray(m, np.float64)) for m in sub["image_map"]]
+        normed = [m for m in normed if m is not None]
+        if normed:
+            maps[sid] = np.mean(normed, axis=0)
+    for a, b in itertools.combinations(sorted(maps), 2):
+        pa, pb = s.loc[a], s.loc[b]
+        key = (image_id, kind, group, method, pa["prompt_id"], pb["prompt_id"])
+        if key in done:
+            continue
+        js = metrics.js_divergence(maps[a], maps[b])
+        parsed = [metrics.parse_yes_no(answer_of.get(x, "")) if p["prompt_kind"] == "yes_no" else None
+                  for x, p in ((a, pa), (b, pb))]
+        rows.append({
+            "image_id": image_id, "target_kind": kind, "target_label": group, "method": method,
+            "prompt_a": pa["prompt_id"], "prompt_b": pb["prompt_id"], "style_a": pa["prompt_style"],
+            "style_b": pb["prompt_style"], "format_a": bool(pa["format_instruction"]),
+            "format_b": bool(pb["format_instruction"]), "js_divergence": js, "js_distance": float(np.sqrt(js)),
+            "answer_a": answer_of.get(a), "answer_b": answer_of.get(b), "parsed_a": parsed[0], "parsed_b": parsed[1],
+            "answers_agree": None if None in parsed or "unparsed" in parsed else parsed[0] == parsed[1],
+            "shard": ctx.shard,
+        })
+    return rows
 
 
 LABEL_STATES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
@@ -171,15 +204,21 @@ def _answer_rows(ctx, samples: pd.DataFrame, gens: pd.DataFrame) -> int:
     import metrics
 
     done = {k[0] for k in ctx.view.keys("answers", foreign_filter=ds.field("sample_id").isin(sorted(samples["sample_id"])))}
+    if not ctx.cfg.retry_errors:
+        done |= ctx.view.error_keys("answers", ds.field("sample_id").isin(sorted(samples["sample_id"])))
     yn = samples[(samples["prompt_kind"] == "yes_no") & ~samples["sample_id"].isin(done)]
     answer_of = dict(zip(gens["sample_id"], gens["answer"]))
     rows = []
     for r in yn.to_dict("records"):
         if r["sample_id"] not in answer_of:
             continue
-        label = r[label_column(r["prompt_finding"])]
-        label = None if label is None or np.isnan(label) else float(label)
-        parsed = metrics.parse_yes_no(answer_of[r["sample_id"]])
+        try:
+            label = r[label_column(r["prompt_finding"])]
+            label = None if label is None or np.isnan(label) else float(label)
+            parsed = metrics.parse_yes_no(answer_of[r["sample_id"]])
+        except Exception as e:  # one bad row never stops the stage
+            ctx.record_error("answers", r["sample_id"], e, image_id=r["image_id"])
+            continue
         definite = parsed in ("yes", "no") and label in (0.0, 1.0)
         rows.append({
             "sample_id": r["sample_id"], "image_id": r["image_id"], "prompt_id": r["prompt_id"],
