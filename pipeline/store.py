@@ -286,6 +286,8 @@ class ShardView:
         merged: dict[str, int] = {}
         for name in schemas.TABLES:
             table = self.store.table(name)
+            for stale in table.dir.glob(f".*-{self.folder}-*") if table.dir.is_dir() else []:
+                shutil.rmtree(stale, ignore_errors=True)  # left by a compact that was killed
             own, _ = table.shard_parts(self.shard, self.num_shards)
             if len(own) < 2:
                 continue

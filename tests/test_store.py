@@ -114,3 +114,16 @@ def test_manifest_and_identity(tmp_path):
     # keys that only steer the work (limit, stages, methods) may change on resume
     run_pipeline(base + ["dataset.limit=1", "explain.methods=[chefer]"])
     run_pipeline(base + ["prompts=findings", "allow_config_change=true"])
+
+
+def test_compact_removes_what_a_killed_compact_left(tmp_path):
+    store = RunStore(tmp_path)
+    view = store.shard(0, 1)
+    for i in range(3):
+        view.write_rows("generations", _gen_rows([f"s{i}"], 0))
+    stale = tmp_path / "generations" / ".compact-shard-00000-of-00001-123-abc"
+    stale.mkdir()
+    (stale / "part-c-1.parquet").write_bytes(b"half written")
+    assert len(store.table("generations").read()) == 3  # hidden folders are never read
+    view.compact()
+    assert not stale.exists() and len(store.table("generations").read()) == 3
