@@ -19,6 +19,7 @@ Definitions (m = the raw map, non-negative, not normalised; M = sum of m; each f
   case and spacing ignored). Radiographs are displayed with the patient's left on the image's
   RIGHT (PA and AP alike), so it is the mass right of x = W/2, a cell straddling that line split
   by area (for odd gw the middle column counts half). NaN for lateral, other or unknown views.
+  (A patient lying off-centre shifts it: the split is about the image, not the patient.)
 - apical / middle / basal_fraction: the mass in the top / middle / bottom third of the body's
   vertical extent (rows y0 = first to y1 = last + 1 holding body pixels, thirds of equal height
   (y1 - y0) / 3), cells split by the area of their overlap with each third, each as a fraction of
@@ -34,6 +35,18 @@ Definitions (m = the raw map, non-negative, not normalised; M = sum of m; each f
   the threshold are on; each pixel takes the cell containing its centre); NaN when all cells are
   equal. All four are NaN without boxes (None or an empty list), and all but box_area_fraction
   are NaN for a map without mass.
+- with boxes, the published pixel-space protocols (the map placed on the image with the geometry
+  above, each pixel taking the value of the cell holding its centre): box_iou is cheXlocalize's
+  IoU (Saporta et al., Nat. Mach. Intell. 2022: binarise by Otsu's threshold, IoU with the union
+  of the boxes; its mean over targets is their mIoU; pointing_hit is their hit rate of the most
+  representative point); iou_top = the same IoU with the map binarised as the cells of highest
+  value covering `top_fraction` of the image (whole cells, in value order, until the covered
+  pixels reach it; default 0.1); cnr = MS-CXR's contrast-to-noise ratio (Boecking et al., ECCV
+  2022) |mean_in - mean_out| / sqrt(var_in + var_out) of the pixel values inside vs outside the
+  boxes (population variances; NaN when there is no pixel on one side or both are constant).
+- attention-sink diagnostics: first_token_fraction = mass of the first image token (cell (0, 0),
+  row-major) / M; corner_fraction = mass of the four corner cells / M (a sink-dominated map puts
+  most of its mass there whatever the image shows).
 - mass = M; body_area_fraction = body pixels / image pixels.
 Every mass-based score is NaN for a map with no mass (M <= 0) or non-finite values. Negative
 values raise ValueError.
@@ -52,14 +65,16 @@ __all__ = ["FRONTAL_VIEWS", "SCORE_KEYS", "MapScorer", "boxes_to_mask", "cell_co
 FRONTAL_VIEWS = frozenset({"PA", "AP", "AP AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD", "FRONTAL"})
 
 SCORE_KEYS = ("mass", "inside_body_ratio", "border_fraction", "entropy_bits", "entropy_norm", "patient_left_fraction",
-              "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit", "box_mass_fraction",
-              "box_area_fraction", "box_iou", "body_area_fraction")
+              "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit",
+              "box_mass_fraction", "box_area_fraction", "box_iou", "iou_top", "cnr", "first_token_fraction",
+              "corner_fraction", "body_area_fraction")
 
 Box = Sequence[float]  # x, y, w, h in pixels
 
 _NAN = math.nan
 _MASS_KEYS = ("inside_body_ratio", "border_fraction", "entropy_bits", "entropy_norm", "patient_left_fraction",
-              "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit", "box_mass_fraction", "box_iou")
+              "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit",
+              "box_mass_fraction", "box_iou", "iou_top", "cnr", "first_token_fraction", "corner_fraction")
 
 
 def is_frontal(view_position: str | None) -> bool:
@@ -160,8 +175,29 @@ def _otsu_thresholds(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return v[np.arange(n), idx], v[:, -1] > v[:, 0]
 
 
+def _top_cells(m: np.ndarray, cell_pixels: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean (cells,) mask: cells of highest value, in order, until they cover `fraction` of
+    the image's pixels (the last one included whole)."""
+    order = np.argsort(-m, kind="stable")
+    covered = np.cumsum(cell_pixels[order])
+    k = int(np.searchsorted(covered, fraction * cell_pixels.sum(), side="left")) + 1
+    on = np.zeros(m.size, bool)
+    on[order[: min(k, m.size)]] = True
+    return on
+
+
+def _cnr(m: np.ndarray, n_in: np.ndarray, n_out: np.ndarray) -> float:
+    """MS-CXR contrast-to-noise ratio of cell values weighted by their pixel counts in / out."""
+    a, b = float(n_in.sum()), float(n_out.sum())
+    if a <= 0 or b <= 0:
+        return _NAN
+    mu_in, mu_out = float(n_in @ m) / a, float(n_out @ m) / b
+    var = float(n_in @ (m - mu_in) ** 2) / a + float(n_out @ (m - mu_out) ** 2) / b
+    return abs(mu_in - mu_out) / math.sqrt(var) if var > 0 else _NAN
+
+
 # rows of the stacked weight matrix of a _Geometry
-_INSIDE, _BORDER, _LEFT, _APICAL, _MIDDLE, _BASAL, _BOX = range(7)
+_INSIDE, _BORDER, _LEFT, _APICAL, _MIDDLE, _BASAL, _BOX, _FIRST, _CORNERS = range(9)
 
 
 class _Geometry:
@@ -173,13 +209,17 @@ class _Geometry:
     def __init__(self, body: np.ndarray, gh: int, gw: int, boxes: list[tuple[float, float, float, float]] | None):
         h, w = body.shape
         cy, cx = overlap_matrix(gh, h), overlap_matrix(gw, w)
-        weights = np.zeros((7, gh * gw))
+        weights = np.zeros((9, gh * gw))
         weights[_INSIDE] = _coverage(body, cy, cx).ravel()
         ring = np.ones((gh, gw))
         ring[1:-1, 1:-1] = 0.0
         weights[_BORDER] = ring.ravel()
         right = overlap_matrix(gw, w, lo=w / 2).sum(axis=1) / (w / gw)  # the patient's left
         weights[_LEFT] = np.tile(right, gh)
+        weights[_FIRST, 0] = 1.0
+        corners = np.zeros((gh, gw))
+        corners[[0, 0, -1, -1], [0, -1, 0, -1]] = 1.0
+        weights[_CORNERS] = corners.ravel()
         rows = np.flatnonzero(body.any(axis=1))
         self.has_extent = bool(rows.size)
         if self.has_extent:
@@ -205,6 +245,7 @@ class _Geometry:
             ox[rx, np.arange(w)] = 1.0
             self.cell_pixels = np.outer(oy.sum(1), ox.sum(1)).ravel()
             self.box_pixels_per_cell = (oy @ bmask.astype(np.float64) @ ox.T).ravel()
+            self.out_pixels_per_cell = self.cell_pixels - self.box_pixels_per_cell
             centres_x = (np.arange(gw) + 0.5) * (w / gw)
             centres_y = (np.arange(gh) + 0.5) * (h / gh)
             inside = np.zeros((gh, gw), bool)
@@ -218,7 +259,10 @@ class _Geometry:
         t = _otsu_threshold(m)
         if t is None:
             return _NAN
-        on = m > t
+        return self.iou_of(m > t)
+
+    def iou_of(self, on: np.ndarray) -> float:
+        """IoU, in pixels, of the cells `on` with the union of the boxes."""
         inter = float(self.box_pixels_per_cell[on].sum())
         union = float(self.cell_pixels[on].sum()) + self.box_pixels - inter
         return inter / union if union > 0 else _NAN
@@ -230,10 +274,15 @@ class MapScorer:
     definitions and conventions.
 
     `body_mask`: H x W bool (the original image's size); `view_position`: e.g. "PA", "AP",
-    "LATERAL" or None; `boxes`: (x, y, w, h) in original-image pixels, or None / [] for none.
+    "LATERAL" or None; `boxes`: (x, y, w, h) in original-image pixels, or None / [] for none;
+    `top_fraction`: the image share binarised for `iou_top` (0 < f <= 1).
     """
 
-    def __init__(self, body_mask: np.ndarray, view_position: str | None, boxes: Sequence[Box] | None = None):
+    def __init__(self, body_mask: np.ndarray, view_position: str | None, boxes: Sequence[Box] | None = None,
+                 top_fraction: float = 0.1):
+        if not 0 < top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+        self.top_fraction = float(top_fraction)
         self.body = np.asarray(body_mask).astype(bool, copy=False)
         if self.body.ndim != 2 or self.body.size == 0:
             raise ValueError(f"body_mask must be a non-empty H x W array, got shape {self.body.shape}")
@@ -286,8 +335,10 @@ class MapScorer:
         if geo.has_boxes:
             hit = float(geo.centre_in_box[int(np.argmax(m))])
             box_mass, box_area, iou = float(v[_BOX]), geo.box_area_fraction, geo.box_iou(m)
+            iou_top = geo.iou_of(_top_cells(m, geo.cell_pixels, self.top_fraction))
+            cnr = _cnr(m, geo.box_pixels_per_cell, geo.out_pixels_per_cell)
         else:
-            hit = box_mass = box_area = iou = _NAN
+            hit = box_mass = box_area = iou = iou_top = cnr = _NAN
         return {
             "mass": total,
             "inside_body_ratio": float(v[_INSIDE]),
@@ -302,6 +353,10 @@ class MapScorer:
             "box_mass_fraction": box_mass,
             "box_area_fraction": box_area,
             "box_iou": iou,
+            "iou_top": iou_top,
+            "cnr": cnr,
+            "first_token_fraction": float(v[_FIRST]),
+            "corner_fraction": float(v[_CORNERS]),
             "body_area_fraction": self.body_area_fraction,
         }
 
@@ -339,6 +394,10 @@ class MapScorer:
             "box_mass_fraction": nan.copy(),
             "box_area_fraction": nan.copy(),
             "box_iou": nan.copy(),
+            "iou_top": nan.copy(),
+            "cnr": nan.copy(),
+            "first_token_fraction": v[:, _FIRST],
+            "corner_fraction": v[:, _CORNERS],
             "body_area_fraction": np.full(n, self.body_area_fraction),
         }
         if geo.has_boxes:
@@ -351,16 +410,19 @@ class MapScorer:
             union = on.astype(np.float64) @ geo.cell_pixels + geo.box_pixels - inter
             with np.errstate(divide="ignore", invalid="ignore"):
                 out["box_iou"] = np.where(defined & (union > 0), inter / np.where(union > 0, union, 1.0), _NAN)
+            for i in range(n):  # per map: a sort each (cells are few)
+                out["iou_top"][i] = geo.iou_of(_top_cells(m[i], geo.cell_pixels, self.top_fraction))
+                out["cnr"][i] = _cnr(m[i], geo.box_pixels_per_cell, geo.out_pixels_per_cell)
         for k in _MASS_KEYS:
             out[k] = np.where(ok, out[k], _NAN)
         return out
 
 
 def score_map(grid: np.ndarray, body_mask: np.ndarray, view_position: str | None,
-              boxes: Sequence[Box] | None = None) -> dict[str, float]:
+              boxes: Sequence[Box] | None = None, top_fraction: float = 0.1) -> dict[str, float]:
     """Every score of one map on its image (dict keyed by `SCORE_KEYS`; definitions and
     conventions in the module docstring). `grid`: gh x gw non-negative raw map; `body_mask`: H x W
     bool of the original image; `view_position`: "PA", "AP", ... or None; `boxes`: (x, y, w, h)
     in original-image pixels. For many maps on one image build a `MapScorer` once and call
     `.score(grid)` or `.score_many(grids)`."""
-    return MapScorer(body_mask, view_position, boxes).score(grid)
+    return MapScorer(body_mask, view_position, boxes, top_fraction).score(grid)

@@ -15,7 +15,7 @@ import numpy as np
 
 from metrics.maps import is_frontal
 
-MAP_FLAGS = ("pass_inside_body", "pass_border", "pass_entropy", "pass_laterality_balance")
+MAP_FLAGS = ("pass_inside_body", "pass_border", "pass_entropy", "pass_laterality_balance", "pass_no_sink")
 PAIR_FLAGS = ("pass_js",)
 
 
@@ -28,14 +28,16 @@ class Thresholds:
     max_entropy_norm: float = 0.85
     left_fraction_range: tuple[float, float] = (0.3, 0.7)
     max_js_divergence: float = 0.2
+    max_sink_fraction: float = 0.5
 
     @classmethod
     def from_config(cls, mcfg: Any) -> "Thresholds":
         """From a `metrics` config node (or any mapping / object with these attributes)."""
-        get = (lambda k: mcfg[k]) if isinstance(mcfg, Mapping) else (lambda k: getattr(mcfg, k))
+        get = (lambda k, d=None: mcfg.get(k, d)) if isinstance(mcfg, Mapping) else (lambda k, d=None: getattr(mcfg, k, d))
         lo, hi = get("left_fraction_range")
         return cls(float(get("min_inside_body_ratio")), float(get("max_border_fraction")),
-                   float(get("max_entropy_norm")), (float(lo), float(hi)), float(get("max_js_divergence")))
+                   float(get("max_entropy_norm")), (float(lo), float(hi)), float(get("max_js_divergence")),
+                   float(get("max_sink_fraction", cls.max_sink_fraction)))
 
 
 def _flag(values: Any, test) -> np.ndarray:
@@ -52,10 +54,12 @@ def frontal_mask(view_position: Any) -> np.ndarray:
 
 
 def map_flags(scores: Mapping[str, Any], thresholds: Thresholds) -> dict[str, np.ndarray]:
-    """The four map checks from the columns `inside_body_ratio`, `border_fraction`,
-    `entropy_norm`, `patient_left_fraction` and `view_position` of `scores` (a DataFrame or a
-    dict of arrays). inside body >= min; border <= max; normalised entropy <= max; patient-left
-    fraction within the range, frontal views only."""
+    """The map checks from the columns `inside_body_ratio`, `border_fraction`, `entropy_norm`,
+    `patient_left_fraction`, `view_position`, `first_token_fraction` and `corner_fraction` of
+    `scores` (a DataFrame or a dict of arrays). inside body >= min; border <= max; normalised
+    entropy <= max; patient-left fraction within the range, frontal views only; no attention sink:
+    first-token and corner mass both <= max_sink_fraction (NaN where those scores are absent,
+    e.g. rows scored before they existed)."""
     t = thresholds
     lo, hi = t.left_fraction_range
     lateral = _flag(scores["patient_left_fraction"], lambda v: (v >= lo) & (v <= hi))
@@ -65,7 +69,17 @@ def map_flags(scores: Mapping[str, Any], thresholds: Thresholds) -> dict[str, np
         "pass_border": _flag(scores["border_fraction"], lambda v: v <= t.max_border_fraction),
         "pass_entropy": _flag(scores["entropy_norm"], lambda v: v <= t.max_entropy_norm),
         "pass_laterality_balance": lateral,
+        "pass_no_sink": _no_sink(scores, t.max_sink_fraction),
     }
+
+
+def _no_sink(scores: Mapping[str, Any], limit: float) -> np.ndarray:
+    n = len(np.asarray(scores["inside_body_ratio"]))
+    if "first_token_fraction" not in scores or "corner_fraction" not in scores:
+        return np.full(n, np.nan)
+    worst = np.fmax(np.asarray(scores["first_token_fraction"], dtype=np.float64),
+                    np.asarray(scores["corner_fraction"], dtype=np.float64))
+    return _flag(worst, lambda v: v <= limit)
 
 
 def pair_flags(scores: Mapping[str, Any], thresholds: Thresholds) -> dict[str, np.ndarray]:

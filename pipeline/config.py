@@ -114,6 +114,8 @@ class MetricsConfig:
     max_entropy_norm: float = 0.85
     max_js_divergence: float = 0.2
     left_fraction_range: List[float] = field(default_factory=lambda: [0.3, 0.7])
+    max_sink_fraction: float = 0.5  # first-token or corner mass above this flags an attention sink
+    iou_top_fraction: float = 0.1  # image share binarised for iou_top (cheXlocalize-style fixed fraction)
     # deletion / insertion curves (need the model: computed in the explain stage).
     # null: on for the embedded demo, off for other datasets (they cost forward passes per map).
     faithfulness: Optional[bool] = None

@@ -121,7 +121,12 @@ METRICS = pa.schema(
         ("pointing_hit", pa.float32()),  # 1/0: argmax cell centre inside a box; NaN: no boxes
         ("box_mass_fraction", pa.float32()),  # mass inside the boxes / mass
         ("box_area_fraction", pa.float32()),  # box area / image area: the random floor of the above
-        ("box_iou", pa.float32()),  # IoU of the Otsu-binarised map with the boxes
+        ("box_iou", pa.float32()),  # IoU of the Otsu-binarised map with the boxes (cheXlocalize)
+        ("iou_top", pa.float32()),  # IoU of the cells covering metrics.iou_top_fraction of the image
+        ("cnr", pa.float32()),  # MS-CXR contrast-to-noise ratio inside vs outside the boxes
+        ("first_token_fraction", pa.float32()),  # mass on the first image token / mass (attention sink)
+        ("corner_fraction", pa.float32()),  # mass on the four corner cells / mass
+        ("side_agrees", pa.float32()),  # laterality targets: mass on the side the word states / mass
         ("body_area_fraction", pa.float32()),  # body mask area / image area
         ("shard", pa.int32()),
     ]

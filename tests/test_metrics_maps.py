@@ -280,3 +280,49 @@ def test_js_divergence_and_distance():
         metrics.js_divergence([1, 2], [1, 2, 3])
     with pytest.raises(ValueError):
         metrics.js_divergence([1, -2], [1, 2])
+
+
+def _pixel_map(grid, h, w):
+    """Each pixel takes the value of the cell holding its centre (the placement of the protocols)."""
+    gh, gw = grid.shape
+    ry = np.minimum(((np.arange(h) + 0.5) * gh / h).astype(int), gh - 1)
+    rx = np.minimum(((np.arange(w) + 0.5) * gw / w).astype(int), gw - 1)
+    return grid[np.ix_(ry, rx)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cnr_and_top_fraction_iou_match_pixel_level_definitions(seed):
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+    grid = rng.random((5, 7)) ** 2
+    boxes = [(rng.uniform(0, w / 2), rng.uniform(0, h / 2), rng.uniform(3, w / 2), rng.uniform(3, h / 2))]
+    s = metrics.score_map(grid, np.ones((h, w), bool), "PA", boxes, top_fraction=0.2)
+    pix = _pixel_map(grid, h, w)
+    inside = metrics.boxes_to_mask(boxes, h, w)
+    a, b = pix[inside], pix[~inside]
+    assert s["cnr"] == pytest.approx(abs(a.mean() - b.mean()) / math.sqrt(a.var() + b.var()), rel=1e-9)
+    # top 20 % of the image by value, whole cells in value order
+    order = np.argsort(-grid.ravel(), kind="stable")
+    cell_of = _pixel_map(np.arange(grid.size).reshape(grid.shape), h, w)
+    counts = np.bincount(cell_of.ravel(), minlength=grid.size)
+    on_cells = order[: int(np.searchsorted(np.cumsum(counts[order]), 0.2 * h * w)) + 1]
+    on = np.isin(cell_of, on_cells)
+    assert s["iou_top"] == pytest.approx((on & inside).sum() / (on | inside).sum(), rel=1e-9)
+    many = metrics.MapScorer(np.ones((h, w), bool), "PA", boxes, top_fraction=0.2).score_many(grid[None])
+    assert many["cnr"][0] == pytest.approx(s["cnr"]) and many["iou_top"][0] == pytest.approx(s["iou_top"])
+
+
+def test_cnr_and_sink_diagnostics_by_hand():
+    body = np.ones((40, 40), bool)
+    grid = np.zeros((4, 4))
+    grid[0, 0] = 3.0  # all mass on the first image token: a sink
+    grid[3, 3] = 1.0
+    s = metrics.score_map(grid, body, "PA", [(0, 0, 10, 10)])
+    assert s["first_token_fraction"] == pytest.approx(0.75) and s["corner_fraction"] == pytest.approx(1.0)
+    out = np.r_[np.zeros(1400), np.ones(100)]  # the other 15 cells of 100 pixels
+    assert s["cnr"] == pytest.approx((3.0 - out.mean()) / math.sqrt(0.0 + out.var()))
+    uniform = metrics.score_map(np.ones((16, 16)), body, "PA", [(0, 0, 10, 10)])
+    assert uniform["corner_fraction"] == pytest.approx(4 / 256) and math.isnan(uniform["cnr"])
+    assert math.isnan(metrics.score_map(grid, body, "PA")["cnr"])  # no boxes
+    with pytest.raises(ValueError, match="top_fraction"):
+        metrics.MapScorer(body, "PA", top_fraction=0.0)

@@ -102,3 +102,23 @@ def test_score_resume_adds_nothing(run_dir, tiny_model_dir):
     run_pipeline([*OVERRIDES, f"run_dir={run_dir}", f"model.name_or_path={tiny_model_dir}", "model.device=cpu",
                   "stages=[score]"])
     assert before == {t: len(pd.read_parquet(run_dir / t)) for t in before}
+
+
+def test_protocol_and_sink_columns(run_dir):
+    m = pd.read_parquet(run_dir / "metrics")
+    for col in ("iou_top", "cnr", "first_token_fraction", "corner_fraction", "side_agrees"):
+        assert col in m.columns, col
+    assert m["first_token_fraction"].between(0, 1).all() and (m["corner_fraction"] >= m["first_token_fraction"] - 1e-6).all()
+    with_boxes = m[m["n_boxes"] > 0]
+    assert with_boxes["iou_top"].between(0, 1).all()
+    assert m.loc[m["n_boxes"] == 0, ["iou_top", "cnr"]].isna().all().all()
+    assert m.loc[m["target_kind"] != "laterality", "side_agrees"].isna().all()
+
+
+def test_stated_side_share():
+    from pipeline.stages.score import stated_side_share
+
+    assert stated_side_share("laterality", "Left", 0.8) == pytest.approx(0.8)
+    assert stated_side_share("laterality", "right", 0.8) == pytest.approx(0.2)
+    assert np.isnan(stated_side_share("keywords", "left", 0.8))
+    assert np.isnan(stated_side_share("laterality", "left", float("nan")))  # lateral view

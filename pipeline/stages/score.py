@@ -36,9 +36,6 @@ from pipeline.vocabulary import label_column
 
 log = logging.getLogger(__name__)
 
-SCORE_KEYS = ("mass", "inside_body_ratio", "border_fraction", "entropy_bits", "entropy_norm", "patient_left_fraction",
-              "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit", "box_mass_fraction",
-              "box_area_fraction", "box_iou", "body_area_fraction")
 KEYS = ["sample_id", "target_kind", "target_label", "token_start", "method"]
 
 
@@ -71,7 +68,16 @@ def finding_side(boxes: list[dict], width: int) -> str | None:
     return sides.pop() if len(sides) == 1 else "bilateral"
 
 
-def _metric_row(r: dict[str, Any], s: pd.Series, image_id: str, mask: np.ndarray, scorers: dict, shard: int) -> dict[str, Any]:
+def stated_side_share(target_kind: str, matched_text: Any, patient_left_fraction: float) -> float:
+    """side_agrees: for a laterality target, the map's mass on the side its word states (patient
+    left: patient_left_fraction; right: 1 - it); NaN for other targets or non-frontal views."""
+    word = str(matched_text or "").strip().lower()
+    if target_kind != "laterality" or word not in ("left", "right"):
+        return np.nan
+    return patient_left_fraction if word == "left" else 1.0 - patient_left_fraction
+
+
+def _metric_row(r: dict[str, Any], s: pd.Series, image_id: str, mask: np.ndarray, scorers: dict, ctx) -> dict[str, Any]:
     """The metrics/ row of one relevancy row `r` of sample `s` (scorers cached per image)."""
     import metrics
 
@@ -79,7 +85,8 @@ def _metric_row(r: dict[str, Any], s: pd.Series, image_id: str, mask: np.ndarray
     boxes = [b for b in (s["boxes"] if s["boxes"] is not None else []) if finding and b["finding"] == finding]
     key = (finding if boxes else None, s["view_position"])
     if key not in scorers:
-        scorers[key] = metrics.MapScorer(mask, s["view_position"], [(b["x"], b["y"], b["w"], b["h"]) for b in boxes] or None)
+        scorers[key] = metrics.MapScorer(mask, s["view_position"], [(b["x"], b["y"], b["w"], b["h"]) for b in boxes] or None,
+                                         top_fraction=float(ctx.cfg.metrics.iou_top_fraction))
     grid = np.asarray(r["image_map"], dtype=np.float64).reshape(int(r["grid_h"]), int(r["grid_w"]))
     sc = scorers[key].score(grid)
     return {
@@ -87,8 +94,9 @@ def _metric_row(r: dict[str, Any], s: pd.Series, image_id: str, mask: np.ndarray
         "image_id": image_id, "prompt_id": s["prompt_id"], "prompt_kind": s["prompt_kind"],
         "view_position": s["view_position"], "finding": finding,
         "finding_side": finding_side(boxes, int(s["width"])), "n_boxes": len(boxes),
-        **{k: sc.get(k, np.nan) for k in SCORE_KEYS},
-        "shard": shard,
+        **{k: sc.get(k, np.nan) for k in metrics.SCORE_KEYS},
+        "side_agrees": stated_side_share(r["target_kind"], r.get("matched_text"), sc["patient_left_fraction"]),
+        "shard": ctx.shard,
     }
 
 
@@ -124,7 +132,7 @@ def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame) -> tuple[int, i
             scorers: dict[Any, Any] = {}
             for r in grp.to_dict("records"):
                 try:
-                    writer.add(_metric_row(r, by_id.loc[r["sample_id"]], image_id, mask, scorers, ctx.shard))
+                    writer.add(_metric_row(r, by_id.loc[r["sample_id"]], image_id, mask, scorers, ctx))
                     n_rows += 1
                 except Exception as e:  # one bad row never stops the stage
                     fail(r["sample_id"], image_id, e)
@@ -235,7 +243,7 @@ def run(ctx) -> dict[str, Any]:
     samples = shard_samples(ctx)
     ids = set(samples["sample_id"])
     only = ds.field("sample_id").isin(sorted(ids))
-    rel = ctx.view.read("relevancy", KEYS + ["status", "grid_h", "grid_w", "image_map"],
+    rel = ctx.view.read("relevancy", KEYS + ["status", "grid_h", "grid_w", "image_map", "matched_text"],
                         filter=ds.field("status") == "ok", foreign_filter=only)
     rel = rel[rel["sample_id"].isin(ids)].drop_duplicates(KEYS)
     image_of = dict(zip(samples["sample_id"], samples["image_id"]))
