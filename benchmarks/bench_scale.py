@@ -5,8 +5,9 @@
 
 Method.
 1. Source: one real demo run, ``run_pipeline.py run_dir=WORK/source dataset.n=8
-   metrics.faithfulness=false`` (made once per --work folder and --repo, then reused): real rows
-   of every table.
+   metrics.faithfulness=false`` (``faithfulness.enabled=false`` where the config has a
+   faithfulness group), made once per --work folder and --repo, then reused: real rows of every
+   table. Every measured command repeats these overrides.
 2. Synthetic runs: for each size N, N images x the source's prompts spread over --shards shards,
    each image a copy of one source image's rows (every table, generically over
    ``pipeline.schemas.TABLES``) with new ``image_id`` (MIMIC dicom-id style), ``sample_id``,
@@ -17,23 +18,25 @@ Method.
    (``flush_rows`` or ``flush_mb``; time-based flushes off), flushing at the unit boundaries the
    stages use (an image for samples and metrics, a sample for generations and relevancy, the
    whole shard for sensitivity and answers, one row for errors), so part files have realistic
-   sizes and counts. Where the store offers per-shard compaction and the default stages include
-   ``compact``, every finished shard is compacted. manifest.json, manifests/ and .hydra are
-   copied from the source; identity keys that the measured commands set are rewritten to match.
+   sizes and counts (fsync is skipped while building). Where the store offers per-shard
+   compaction and the default stages include ``compact``, every finished shard is compacted.
+   manifest.json, manifests/ and .hydra are copied from the source; identity keys that the
+   measured commands set are rewritten to match, so the commands resume the run unrefused.
 3. Comparable shards: the number of shards is fixed, and the measured shard 0 holds the SAME
    images at every size (the first n0 = min(sizes) / shards synthetic ids that hash to shard 0,
    replicating the same source images); only the other shards grow with N. A per-shard stage
    whose cost does not depend on the size of the run therefore shows a ratio of ~1.
-   Shard 0 is written without its score tables (metrics, sensitivity, answers, body_masks), as
-   a shard stopped before its score stage.
+   Shard 0 is written without its score tables (metrics, sensitivity, answers), as a shard
+   stopped before its score stage.
 4. Measurements, each a fresh ``run_pipeline.py`` process (cwd and PYTHONPATH = --repo): wall time
    (seconds, process start to exit, imports included) and peak RSS (GiB = 2^30 bytes, the
    child's ru_maxrss from wait4); RSS is polled to kill a child above --mem-limit-gib.
    - shard-score: ``stages=[score] dataset.num_shards=S dataset.shard=0`` (shard 0's score work);
    - shard-resume: ``stages=[explain,score]`` on shard 0 afterwards (every row present);
    - report: ``stages=[report]`` over the whole run (report options at their defaults).
-   Body masks are cached per image digest; the copies share the source's 7 digests, so mask
-   computation is cheap and the same at every size.
+   Body masks: a store with a body_masks table (written at load) gets them copied like any
+   table; an older one caches them per image digest in RUN/cache, computed by score for the
+   source's few digests, the same work at every size.
 The last line: ``scale: shard-score ratio R1, shard-resume ratio R2, report peak GiB M at N images``
 (R = wall time at the largest size / at the smallest; ">" marks a lower bound from a timeout).
 """
@@ -55,11 +58,10 @@ from pathlib import Path
 
 GIB = 2**30
 THIS_REPO = Path(__file__).resolve().parents[1]
-SOURCE_OVERRIDES = ["metrics.faithfulness=false"]  # plus dataset.n=<--source-n>; every command repeats them
 MEASURES = ("shard-score", "shard-resume", "report")
-SCORE_TABLES = ("metrics", "sensitivity", "answers", "body_masks")  # written by the score stage
+SCORE_TABLES = ("metrics", "sensitivity", "answers")  # written by the score stage
 UNIT = {"samples": "image", "metrics": "image", "sensitivity": "shard", "answers": "shard", "errors": "row"}
-QUICK_SIZES = (1000, 2000, 4000)
+QUICK_SIZES = (500, 1000, 4000)
 FULL_SIZES = (2000, 8000, 16000)
 
 
@@ -313,26 +315,32 @@ def measure(cmd: list[str], repo: Path, timeout: float, mem_limit_gib: float, lo
                   sum(stages) if stages else None)
 
 
-def ensure_source(repo: Path, work: Path, source_n: int) -> Path:
+def source_overrides(repo: Path, source_n: int) -> list[str]:
+    """dataset.n and faithfulness off, under the key the checkout's config has."""
+    probe = ("import dataclasses; from pipeline import config; "
+             "print('faithfulness' in {f.name for f in dataclasses.fields(config.Config)})")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=repo, env=child_env(repo), capture_output=True,
+                          text=True, check=True)
+    grouped = proc.stdout.strip() == "True"
+    return [f"dataset.n={source_n}", "faithfulness.enabled=false" if grouped else "metrics.faithfulness=false"]
+
+
+def ensure_source(repo: Path, work: Path, overrides: list[str]) -> Path:
     """The real demo run (reused when made by the same checkout with the same options)."""
     source, marker = work / "source", work / "source.json"
-    want = {"repo": str(repo), "overrides": _source_overrides(source_n)}
+    want = {"repo": str(repo), "overrides": overrides}
     if marker.is_file() and json.loads(marker.read_text()) == want and (source / "samples").is_dir():
         return source
     shutil.rmtree(source, ignore_errors=True)
     marker.unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "run_pipeline.py", f"run_dir={source}", *_source_overrides(source_n), "progress=false"]
+    cmd = [sys.executable, "run_pipeline.py", f"run_dir={source}", *overrides, "progress=false"]
     print("source run:", " ".join(cmd[1:]), flush=True)
     res = measure(cmd, repo, 1800, 20, work / "source.log")
     if res.status != "ok":
         sys.exit(f"the source run failed ({res.status}); see {work / 'source.log'}:\n{res.tail}")
     marker.write_text(json.dumps(want))
     return source
-
-
-def _source_overrides(source_n: int) -> list[str]:
-    return [f"dataset.n={source_n}", *SOURCE_OVERRIDES]
 
 
 def build_in_child(repo: Path, source: Path, dest: Path, n: int, shards: int, n0: int, omit: bool) -> dict:
@@ -344,8 +352,8 @@ def build_in_child(repo: Path, source: Path, dest: Path, n: int, shards: int, n0
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def commands(run: Path, shards: int, source_n: int) -> dict[str, list[str]]:
-    base = [sys.executable, "run_pipeline.py", f"run_dir={run}", *_source_overrides(source_n), "progress=false"]
+def commands(run: Path, shards: int, overrides: list[str]) -> dict[str, list[str]]:
+    base = [sys.executable, "run_pipeline.py", f"run_dir={run}", *overrides, "progress=false"]
     return {
         "shard-score": [*base, "stages=[score]", *_shard_args(shards, 0)],
         "shard-resume": [*base, "stages=[explain,score]", *_shard_args(shards, 0)],
@@ -363,7 +371,7 @@ def ratio(small: Result, large: Result, timeout: float) -> str:
 
 def print_tables(built: list[dict], results: list[dict[str, Result]], measures: list[str], timeout: float) -> None:
     names = list(built[0]["tables"])
-    print("\nrun directories: rows / part files per table")
+    print("\nrun directories as built (shard 0 without its score tables): rows / part files per table")
     print(f"{'table':<14}" + "".join(f"{str(b['images']) + ' images':>26}" for b in built))
     for name in names:
         print(f"{name:<14}" + "".join(f"{b['tables'][name]['rows']:>14} / {b['tables'][name]['parts']:<9}"
@@ -377,7 +385,7 @@ def print_tables(built: list[dict], results: list[dict[str, Result]], measures: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} (under 10 minutes)")
+    ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}: about 8 CPU-minutes on the older store")
     ap.add_argument("--sizes", help=f"comma-separated image counts (default {FULL_SIZES})")
     ap.add_argument("--shards", type=int, default=64)
     ap.add_argument("--shard-images", type=int, help="images of the measured shard 0 (default min(sizes) / shards)")
@@ -389,13 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-limit-gib", type=float, default=15.0)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic run directories")
     args = ap.parse_args(argv)
-    sizes = sorted(int(s) for s in args.sizes.split(",")) if args.sizes else list(QUICK_SIZES if args.quick else FULL_SIZES)
+    default = QUICK_SIZES if args.quick else FULL_SIZES
+    sizes = sorted(int(s) for s in args.sizes.split(",")) if args.sizes else list(default)
     measures = [m for m in MEASURES if m in args.measure.split(",")]
     repo, work = args.repo.resolve(), args.work.resolve()
     n0 = args.shard_images or max(1, sizes[0] // args.shards)
     print(f"repo {repo}; sizes {sizes} images; {args.shards} shards; shard 0 holds {n0} images at every size")
 
-    source = ensure_source(repo, work, args.source_n)
+    overrides = source_overrides(repo, args.source_n)
+    source = ensure_source(repo, work, overrides)
     built, results = [], []
     for n in sizes:
         run = work / f"syn-{n}-of-{args.shards}"
@@ -403,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         built.append(build_in_child(repo, source, run, n, args.shards, n0, "shard-score" in measures))
         print(f"built {run} in {time.monotonic() - t0:.1f} s", flush=True)
         res: dict[str, Result] = {}
-        for m, cmd in commands(run, args.shards, args.source_n).items():
+        for m, cmd in commands(run, args.shards, overrides).items():
             if m not in measures:
                 continue
             if m == "shard-resume" and res.get("shard-score", Result()).status != "ok":
@@ -433,6 +443,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_build"]:
         src_dir, dst_dir, n_img, n_shards, n_own, omit = sys.argv[2:8]
         sys.path.insert(0, os.getcwd())
+        os.fsync = lambda fd: None  # the same files, written faster: durability is not what is measured
         print(json.dumps(build(Path(src_dir), Path(dst_dir), int(n_img), int(n_shards), int(n_own), omit == "1")))
     else:
         sys.exit(main())

@@ -133,6 +133,8 @@ class ReportConfig:
     seed: int = 0  # seeds the bootstrap and the choice of gallery targets and explorer samples
     explorer_samples: int = 8  # samples in token_explorer.html (answer_tokens targets); 0: none
     explorer_image_size: int = 320  # longest side, pixels, of the explorer's downscaled images
+    engine_memory_limit: str = "2GB"  # DuckDB memory limit of the report's queries (spills beyond)
+    engine_threads: int = 0  # DuckDB threads (0: the machine's cores, at most 8)
 
 
 @dataclass

@@ -4,8 +4,11 @@
 
 Prints, per run x target kind x method: the number of maps, mean pointing game (over maps with
 boxes), mass in the boxes relative to the boxes' area (1 = a uniform map), border fraction,
-inside-body ratio and entropy (bits), each as "mean [95% bootstrap interval]"; ``--csv`` writes
-the long table. Runs are labelled by their model's name (from the manifest).
+inside-body ratio and entropy (bits), each as "mean [95% interval]" (patient-level cluster
+bootstrap, as in the report);
+``--csv`` writes the long table. Runs are labelled by their model's name (from the manifest).
+The runs are read through the report's engine (:mod:`reports.data`): aggregates only, memory
+bounded independently of the runs' sizes.
 """
 from __future__ import annotations
 
@@ -16,37 +19,45 @@ from typing import Sequence
 
 import pandas as pd
 
-from reports.data import load_run
-from reports.stats import fmt_ci, summarise
+from reports.data import EngineSettings, RunData, load_run, metrics_rows, num, summarise
+from reports.stats import fmt_ci
 
 #: Scores compared (box_mass_ratio = box_mass_fraction / box_area_fraction; 1 = a uniform map)
 SCORES: tuple[str, ...] = ("pointing_hit", "box_mass_ratio", "border_fraction", "inside_body_ratio", "entropy_bits")
 
 
-def _run_label(run, root: Path) -> str:
+def _run_label(run: RunData, root: Path) -> str:
     model = run.model.get("config_name") or (run.config().get("model") or {}).get("name")
     return str(model) if model else root.name
 
 
+def _values() -> dict[str, str]:
+    ratio = f"({num('box_mass_fraction')} / nullif({num('box_area_fraction')}, 0))"
+    return {s: ratio if s == "box_mass_ratio" else num(s) for s in SCORES}
+
+
+def _source(target_kinds: Sequence[str], methods: Sequence[str]) -> str:
+    src = f"SELECT * FROM ({metrics_rows(list(target_kinds) or None)}) AS m"
+    if methods:
+        src += " WHERE method IN (" + ", ".join("'" + m.replace("'", "''") + "'" for m in methods) + ")"
+    return src
+
+
 def compare_runs(roots: Sequence[str | Path], *, target_kinds: Sequence[str] = (), methods: Sequence[str] = (),
-                 seed: int = 0, n_resamples: int = 2000) -> pd.DataFrame:
-    """Long table (reports.stats.summarise): one row per run x target_kind x method x score with
-    n, mean, median and the bootstrap 95% interval of the mean."""
+                 seed: int = 0, n_resamples: int = 2000, settings: EngineSettings | None = None) -> pd.DataFrame:
+    """Long table (as :func:`reports.data.summarise`): one row per run x target_kind x method x
+    score with n, mean, median and the patient-level cluster bootstrap 95% interval of the mean,
+    from per-(group, patient) aggregates of the engine."""
     frames = []
     for root in roots:
-        run = load_run(root)
-        m = run.table("metrics")
-        if m.empty:
-            raise ValueError(f"{root}: no metrics/ rows (run the score stage first)")
-        m = m.assign(box_mass_ratio=m["box_mass_fraction"] / m["box_area_fraction"],
-                     run=_run_label(run, Path(root)))
-        if target_kinds:
-            m = m[m["target_kind"].isin(list(target_kinds))]
-        if methods:
-            m = m[m["method"].isin(list(methods))]
-        frames.append(m)
-    df = pd.concat(frames, ignore_index=True)
-    return summarise(df, SCORES, ["run", "target_kind", "method"], n_resamples, seed)
+        with load_run(root, settings=settings) as run:
+            if not run.has("metrics"):
+                raise ValueError(f"{root}: no metrics/ rows (run the score stage first)")
+            label = _run_label(run, Path(root))
+            keys = {"run": "'" + label.replace("'", "''") + "'", "target_kind": "target_kind", "method": "method"}
+            s = summarise(run, _source(target_kinds, methods), keys, _values(), n_resamples, seed)
+            frames.append(s.drop(columns="total"))
+    return pd.concat(frames, ignore_index=True)
 
 
 def format_table(long: pd.DataFrame) -> str:

@@ -30,12 +30,15 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from reports.figures import method_order
+
+if TYPE_CHECKING:
+    from reports.data import RunData
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +164,18 @@ def _quantise(x: np.ndarray, scale: float | None = None) -> np.ndarray:
     return np.round(y * 255).astype(np.uint8)
 
 
-def choose_samples(relevancy: pd.DataFrame, n: int, seed: int) -> list[str]:
-    """Up to `n` sample ids with explained answer tokens (seeded choice, returned sorted)."""
-    if n <= 0 or relevancy.empty:
+def choose_samples(data: "RunData", n: int, seed: int) -> list[str]:
+    """Up to `n` sample ids with explained answer tokens (seeded choice, returned sorted): the
+    same as drawing `n` of the sorted ids without replacement, with only the chosen ids read."""
+    from reports.data import answer_token_samples
+
+    if n <= 0:
         return []
-    sel = relevancy[(relevancy["target_kind"] == "answer_tokens") & (relevancy["status"] == "ok")]
-    ids = sorted(sel["sample_id"].unique())
-    if len(ids) > n:
-        rng = np.random.default_rng(seed)
-        ids = sorted(rng.choice(ids, size=n, replace=False).tolist())
-    return ids
+    total = answer_token_samples(data)
+    if total <= n:
+        return answer_token_samples(data, range(total))
+    rng = np.random.default_rng(seed)
+    return answer_token_samples(data, sorted(rng.choice(total, size=n, replace=False).tolist()))
 
 
 def _body_polygon(mask: np.ndarray | None) -> list[list[list[int]]]:

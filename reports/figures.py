@@ -1,7 +1,9 @@
 """The report's plots (matplotlib, Agg canvas; no pyplot state, safe in workers).
 
-Each function takes tidy DataFrames and returns PNG bytes, or None when there is nothing to plot.
-Methods always get the same colour (the order of :data:`pipeline.config.METHODS`).
+Each function takes small aggregate DataFrames (box plots: the statistics of
+:func:`reports.data.box_stats`, never the rows themselves) and returns PNG bytes, or None when
+there is nothing to plot. Methods always get the same colour (the order of
+:data:`pipeline.config.METHODS`).
 """
 from __future__ import annotations
 
@@ -69,28 +71,45 @@ def to_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _finite(x: pd.Series | np.ndarray) -> np.ndarray:
-    a = pd.to_numeric(pd.Series(x), errors="coerce").to_numpy(dtype=np.float64)
-    return a[np.isfinite(a)]
+def _bxp_stats(row: Mapping) -> dict:
+    """One box of :func:`reports.data.box_stats` as matplotlib's ``bxp`` takes it."""
+    med, q1, q3 = float(row["med"]), float(row["q1"]), float(row["q3"])
+    lo = row.get("whislo")
+    hi = row.get("whishi")
+    fl = row.get("fliers")
+    return {"med": med, "q1": q1, "q3": q3,
+            "whislo": q1 if lo is None or not np.isfinite(lo) else float(lo),
+            "whishi": q3 if hi is None or not np.isfinite(hi) else float(hi),
+            "fliers": np.asarray([] if fl is None else fl, dtype=np.float64)}
 
 
-def _box(ax, data: Sequence[np.ndarray], positions: Sequence[float], colors: Sequence, width: float) -> None:
-    """Box plots at `positions` (empty arrays are left out), boxes filled with `colors`."""
-    keep = [(d, p, c) for d, p, c in zip(data, positions, colors) if len(d)]
+def _box(ax, boxes: Sequence[Mapping | None], positions: Sequence[float], colors: Sequence, width: float) -> None:
+    """Box plots from precomputed statistics at `positions` (None: no box), filled with `colors`."""
+    keep = [(b, p, c) for b, p, c in zip(boxes, positions, colors) if b is not None and b.get("n", 0)]
     if not keep:
         return
-    bp = ax.boxplot([k[0] for k in keep], positions=[k[1] for k in keep], widths=width, patch_artist=True,
-                    showfliers=True, flierprops={"markersize": 2, "alpha": 0.5},
-                    medianprops={"color": "black", "linewidth": 1.2}, manage_ticks=False)
+    bp = ax.bxp([_bxp_stats(k[0]) for k in keep], positions=[k[1] for k in keep], widths=width, patch_artist=True,
+                showfliers=True, flierprops={"markersize": 2, "alpha": 0.5},
+                medianprops={"color": "black", "linewidth": 1.2}, manage_ticks=False)
     for patch, (_, _, c) in zip(bp["boxes"], keep):
         patch.set_facecolor(c)
         patch.set_alpha(0.75)
 
 
-def score_distributions(df: pd.DataFrame, scores: Sequence[str], methods: Sequence[str]) -> bytes | None:
-    """Box plots of each score per method (one panel per score with any value)."""
-    scores = [s for s in scores if s in df.columns and len(_finite(df[s]))]
-    if df.empty or not scores or not methods:
+def _boxes_by(stats: pd.DataFrame, keys: Sequence[str]) -> dict[tuple, dict]:
+    """Rows of a box-statistics frame by their values of `keys`."""
+    return {tuple(r[k] for k in keys): r for r in stats.to_dict("records")}
+
+
+def score_distributions(stats: pd.DataFrame, scores: Sequence[str], methods: Sequence[str]) -> bytes | None:
+    """Box plots of each score per method (one panel per score with any value).
+
+    `stats`: :func:`reports.data.box_stats` with columns ``method`` and ``score``."""
+    if stats.empty or not methods:
+        return None
+    by = _boxes_by(stats, ["score", "method"])
+    scores = [s for s in scores if any(by.get((s, m), {}).get("n", 0) for m in methods)]
+    if not scores:
         return None
     colors = method_colors(methods)
     ncols = min(4, len(scores))
@@ -98,23 +117,24 @@ def score_distributions(df: pd.DataFrame, scores: Sequence[str], methods: Sequen
     fig = Figure(figsize=(3.4 * ncols, 2.9 * nrows + 0.4), dpi=DPI, layout="constrained")
     for i, s in enumerate(scores):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        data = [_finite(df.loc[df["method"] == m, s]) for m in methods]
-        _box(ax, data, range(len(methods)), [colors[m] for m in methods], 0.6)
-        ax.set_xticks(range(len(methods)), [f"{m}\n(n={len(d)})" for m, d in zip(methods, data)], fontsize=7,
-                      rotation=30 if len(methods) > 4 else 0)
+        boxes = [by.get((s, m)) for m in methods]
+        _box(ax, boxes, range(len(methods)), [colors[m] for m in methods], 0.6)
+        ax.set_xticks(range(len(methods)), [f"{m}\n(n={int(b['n']) if b else 0})" for m, b in zip(methods, boxes)],
+                      fontsize=7, rotation=30 if len(methods) > 4 else 0)
         ax.set_title(SCORE_LABELS.get(s, s), fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     return to_png(fig)
 
 
-def grouped_boxes(df: pd.DataFrame, value: str, group: str, groups: Sequence[str], methods: Sequence[str], *,
+def grouped_boxes(stats: pd.DataFrame, group: str, groups: Sequence[str], methods: Sequence[str], *,
                   title: str, ylabel: str, hline: float | None = None, xlabel: str = "") -> bytes | None:
-    """Box plots of `value` for each group (x axis) with one box per method side by side."""
-    if df.empty or value not in df.columns or not groups or not methods:
+    """Box plots for each group (x axis) with one box per method side by side.
+
+    `stats`: :func:`reports.data.box_stats` with columns `group` and ``method``."""
+    if stats.empty or not groups or not methods or not stats["n"].sum():
         return None
-    if not len(_finite(df[value])):
-        return None
+    by = _boxes_by(stats, [group, "method"])
     colors = method_colors(methods)
     k = len(methods)
     width = 0.8 / k
@@ -122,11 +142,10 @@ def grouped_boxes(df: pd.DataFrame, value: str, group: str, groups: Sequence[str
     ax = fig.add_subplot(1, 1, 1)
     labels = []
     for gi, g in enumerate(groups):
-        sub = df[df[group].astype("string").fillna("(none)") == g]
-        data = [_finite(sub.loc[sub["method"] == m, value]) for m in methods]
+        boxes = [by.get((g, m)) for m in methods]
         pos = [gi + (j - (k - 1) / 2) * width for j in range(k)]
-        _box(ax, data, pos, [colors[m] for m in methods], width * 0.9)
-        labels.append(f"{g}\n(n={sum(len(d) for d in data)})")
+        _box(ax, boxes, pos, [colors[m] for m in methods], width * 0.9)
+        labels.append(f"{g}\n(n={sum(int(b['n']) for b in boxes if b)})")
     ax.set_xticks(range(len(groups)), labels, fontsize=8, rotation=20 if len(groups) > 6 else 0)
     ax.set_xlim(-0.6, len(groups) - 0.4)
     if hline is not None:

@@ -14,12 +14,17 @@ import io
 import logging
 import textwrap
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from reports.figures import method_order
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from reports.data import RunData
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +44,6 @@ class GalleryItem:
     finding: str | None
 
 
-def target_finding(kind: str, label: str, sample: dict[str, Any] | None, metrics_finding: object = None) -> str | None:
-    """The finding whose boxes belong to a target: the score stage's if it set one; else the
-    keyword's finding, or the finding a yes/no prompt asks about (answer token / span)."""
-    if isinstance(metrics_finding, str) and metrics_finding:
-        return metrics_finding
-    if kind == "keywords" and label:
-        return label
-    if sample is not None and kind in ("answer_token", "answer_span"):
-        f = sample.get("prompt_finding")
-        return f if isinstance(f, str) and f else None
-    return None
-
-
 def boxes_for(sample: dict[str, Any] | None, finding: str | None) -> list[dict[str, float]]:
     """The sample's ground-truth boxes of `finding` (image pixels, top-left origin)."""
     if sample is None or not finding:
@@ -62,51 +54,38 @@ def boxes_for(sample: dict[str, Any] | None, finding: str | None) -> list[dict[s
     return [dict(b) for b in boxes if b and b.get("finding") == finding]
 
 
-def select_targets(relevancy: pd.DataFrame, samples: pd.DataFrame, metrics: pd.DataFrame, n: int,
-                   seed: int) -> list[GalleryItem]:
+def select_targets(data: "RunData", n: int, seed: int) -> list[GalleryItem]:
     """Up to `n` explained targets for the gallery.
 
     Preference: keyword targets whose finding has boxes in the image, then other keyword
     targets, then yes/no answer tokens and answer spans (boxed first), then single answer
-    tokens. Within a tier the order is a seeded shuffle; distinct images are taken first.
+    tokens (left out when there are at least `n` other targets). Within a tier the order is a
+    seeded pseudo-random one; distinct images are taken first. The engine ranks every target
+    (:func:`reports.data.gallery_candidates`); only the few candidates reach Python.
     """
-    if n <= 0 or relevancy.empty:
+    from reports.data import gallery_candidates
+
+    if n <= 0:
         return []
-    ok = relevancy[relevancy["status"] == "ok"].drop_duplicates(TARGET_KEY)
-    if ok.empty:
+    cand = gallery_candidates(data, n, seed)
+    if cand.empty:
         return []
-    others = ok[ok["target_kind"] != "answer_tokens"]
-    if len(others) >= n:  # single answer tokens are the last choice: leave them out early (they are many)
-        ok = others
-    ids = set(ok["sample_id"])
-    by_id = {r["sample_id"]: r for r in samples[samples["sample_id"].isin(ids)].to_dict("records")} \
-        if not samples.empty else {}
-    mfind: dict[tuple, object] = {}
-    if not metrics.empty and "finding" in metrics.columns:
-        mf = metrics[metrics["sample_id"].isin(ids)].dropna(subset=["finding"]).drop_duplicates(TARGET_KEY)
-        for r in mf.itertuples(index=False):
-            mfind[(r.sample_id, r.target_kind, r.target_label, int(r.token_start))] = r.finding
-    rng = np.random.default_rng(seed)
-    rows = []
-    for r, u in zip(ok.itertuples(index=False), rng.random(len(ok))):
-        key = (r.sample_id, r.target_kind, r.target_label, int(r.token_start))
-        sample = by_id.get(r.sample_id)
-        finding = target_finding(r.target_kind, r.target_label, sample, mfind.get(key))
-        has_boxes = bool(boxes_for(sample, finding))
-        tier = {"keywords": 0, "answer_token": 2, "answer_span": 2}.get(r.target_kind, 4)
-        tier += 0 if has_boxes else 1
-        image = sample.get("image_id") if sample else r.sample_id
-        rows.append((tier, u, image, GalleryItem(*key, finding)))
-    rows.sort(key=lambda t: (t[0], t[1]))
-    chosen, used_images, rest = [], set(), []
-    for tier, _, image, item in rows:
-        if image not in used_images and len(chosen) < n:
-            chosen.append(item)
-            used_images.add(image)
-        else:
-            rest.append(item)
-    chosen += rest[: n - len(chosen)]
+    order = ["tier", "u", *TARGET_KEY]
+    firsts = cand[cand["first"] == 1].sort_values(order).head(n)
+    chosen = [_item(r) for r in firsts.to_dict("records")]
+    taken = {(i.sample_id, i.target_kind, i.target_label, i.token_start) for i in chosen}
+    for r in cand[cand["first"] == 0].sort_values(order).to_dict("records"):
+        if len(chosen) >= n:
+            break
+        if (r["sample_id"], r["target_kind"], r["target_label"], int(r["token_start"])) not in taken:
+            chosen.append(_item(r))
     return chosen
+
+
+def _item(r: dict[str, Any]) -> GalleryItem:
+    finding = r.get("finding")
+    return GalleryItem(r["sample_id"], r["target_kind"], r["target_label"], int(r["token_start"]),
+                       finding if isinstance(finding, str) and finding else None)
 
 
 def _body_mask_fn() -> Callable[[np.ndarray], np.ndarray] | None:

@@ -5,7 +5,8 @@ invocation wrote them) through an embedded DuckDB engine that returns aggregates
 is bounded independently of the run's size (``report.engine_memory_limit``, default 2GB, beyond
 which the engine spills to disk; ``report.engine_threads``, default 0 = the machine's cores, at
 most 8; both optional keys). Pass flags are derived from the raw scores with this invocation's
-``metrics`` thresholds. Writes ``report/report.md``, a self-contained ``report/report.html`` (figures as base64 PNG),
+``metrics`` thresholds; intervals are patient-level cluster bootstrap intervals. Writes
+``report/report.md``, a self-contained ``report/report.html`` (figures as base64 PNG),
 ``report/token_explorer.html``, ``report/figures/*.png`` and ``report/tables/*.csv`` (see
 :mod:`reports.build`). Works on partial runs: a missing or empty table makes its sections say so.
 Options: ``report.include_images`` (false: no patient image anywhere), ``report.bootstrap``,
@@ -36,13 +37,13 @@ def options(cfg: Any):
             raise ConfigError(f"report.{key}={r[key]} must be >= 0")
     if int(r.explorer_image_size) < 16:
         raise ConfigError(f"report.explorer_image_size={r.explorer_image_size} must be >= 16 (pixels)")
-    threads = OmegaConf.select(cfg, "report.engine_threads", default=0)
+    threads = cfg.report.engine_threads
     if threads is not None and int(threads) < 0:
         raise ConfigError(f"report.engine_threads={threads} must be >= 0 (0: the machine's cores)")
     return Options(include_images=bool(r.include_images), bootstrap=int(r.bootstrap), gallery_size=int(r.gallery_size),
                    seed=int(r.seed), explorer_samples=int(r.explorer_samples),
                    explorer_image_size=int(r.explorer_image_size), max_pixels=int(cfg.dataset.max_pixels),
-                   engine_memory_limit=str(OmegaConf.select(cfg, "report.engine_memory_limit", default=None) or "2GB"),
+                   engine_memory_limit=str(cfg.report.engine_memory_limit),
                    engine_threads=int(threads or 0))
 
 
