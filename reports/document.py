@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -95,11 +96,33 @@ class Section:
 # Markdown
 
 
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|~])")  # "_" inside a word is no emphasis in CommonMark
+
+
+def md_text(text: object) -> str:
+    """Text from the data (ids, prompts, answers, labels) made inert in Markdown: HTML's <, > and &
+    as entities (so no tag or comment opens), Markdown's punctuation backslash-escaped, line
+    breaks (U+2028 and U+2029 too) as spaces."""
+    s = html.escape("" if text is None else str(text), quote=False)
+    return re.sub(r"[\r\n\u2028\u2029]", " ", _MD_SPECIAL.sub(r"\\\1", s))
+
+
+def md_href(href: str) -> str:
+    """A link target that cannot end the link early: spaces, parentheses and angle brackets
+    percent-encoded."""
+    return urllib.parse.quote(str(href), safe="/#?=&%:.-_~,+")
+
+
+def md_prose(text: str) -> str:
+    """Paragraph text: ```code``` spans kept (their content escaped as HTML), the rest `md_text`."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(f"`{html.escape(p[1:-1], quote=False)}`" if p.startswith("`") and p.endswith("`") and len(p) > 1
+                   else md_text(p) for p in parts)
+
+
 def _md_escape_cell(x: object) -> str:
     s = "" if x is None else str(x)
-    if s == "nan":
-        s = "–"
-    return s.replace("|", "\\|").replace("\n", " ")
+    return "–" if s == "nan" else md_text(s)
 
 
 def markdown_table(df: pd.DataFrame, max_rows: int | None = None) -> str:
@@ -115,24 +138,24 @@ def markdown_table(df: pd.DataFrame, max_rows: int | None = None) -> str:
 
 def to_markdown(title: str, sections: list[Section], intro: str = "") -> str:
     """The whole report as Markdown (figures and CSVs referenced by relative path)."""
-    out = [f"# {title}", ""]
+    out = [f"# {md_text(title)}", ""]
     if intro:
-        out += [intro, ""]
-    out += ["Contents: " + " · ".join(f"[{s.title}](#{s.id})" for s in sections), ""]
+        out += [md_prose(intro), ""]
+    out += ["Contents: " + " · ".join(f"[{md_text(s.title)}](#{md_href(s.id)})" for s in sections), ""]
     for s in sections:
-        out += [f'<a id="{s.id}"></a>', f"## {s.title}", ""]
+        out += [f'<a id="{html.escape(s.id, quote=True)}"></a>', f"## {md_text(s.title)}", ""]
         for b in s.blocks:
             if isinstance(b, Paragraph):
-                out += [b.text, ""]
+                out += [md_prose(b.text), ""]
             elif isinstance(b, Note):
-                out += [f"> **Note:** {b.text}", ""]
+                out += [f"> **Note:** {md_prose(b.text)}", ""]
             elif isinstance(b, Table):
                 if b.collapsed and len(b.display) > 20:  # long detail tables: only a pointer to the CSV
-                    out += [f"_{b.caption or b.name}: {len(b.display)} rows in "
-                            f"[tables/{b.name}.csv](tables/{b.name}.csv)_", ""]
+                    out += [f"_{md_text(b.caption or b.name)}: {len(b.display)} rows in "
+                            f"[tables/{md_text(b.name)}.csv]({md_href(f'tables/{b.name}.csv')})_", ""]
                     continue
                 if b.caption:
-                    out += [f"**{b.caption}**", ""]
+                    out += [f"**{md_text(b.caption)}**", ""]
                 if b.display.empty:
                     out += ["(no rows)", ""]
                     continue
@@ -140,13 +163,13 @@ def to_markdown(title: str, sections: list[Section], intro: str = "") -> str:
                 cut = len(b.display) - b.max_rows
                 if cut > 0 or not b.key_value:
                     more = f"{cut} more rows in " if cut > 0 else "Full table: "
-                    out += [f"_{more}[tables/{b.name}.csv](tables/{b.name}.csv)_", ""]
+                    out += [f"_{more}[tables/{md_text(b.name)}.csv]({md_href(f'tables/{b.name}.csv')})_", ""]
             elif isinstance(b, Figure):
-                out += [f"![{b.caption or b.name}](figures/{b.name}.png)", ""]
+                out += [f"![{md_text(b.caption or b.name)}]({md_href(f'figures/{b.name}.png')})", ""]
                 if b.caption:
-                    out += [f"_{b.caption}_", ""]
+                    out += [f"_{md_text(b.caption)}_", ""]
             elif isinstance(b, Link):
-                out += [f"[{b.text}]({b.href})" + (f": {b.description}" if b.description else ""), ""]
+                out += [f"[{md_text(b.text)}]({md_href(b.href)})" + (f": {md_text(b.description)}" if b.description else ""), ""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -433,10 +433,20 @@ window.explorer={cards:cards,setMethod:setMethod,get method(){return method;}};
 """
 
 
+_HTML_UNSAFE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def html_safe_json(text: str) -> str:
+    """JSON text safe inside an HTML <script> element: <, >, & and the JavaScript line
+    terminators U+2028 / U+2029 written as \\u escapes (JSON has them only inside strings, where
+    the escape means the same character), so no id, prompt or answer can end the element, open a
+    comment or break the script."""
+    return "".join(_HTML_UNSAFE.get(c, c) for c in text)
+
+
 def render_page(payload: dict[str, Any], title: str, subtitle: str = "") -> str:
     """The self-contained explorer page (data inline as JSON, plain JavaScript, no external resource)."""
-    data = json.dumps(_clean(payload), separators=(",", ":"), allow_nan=False, default=_json_default)
-    data = data.replace("</", "<\\/")  # never close the script element early
+    data = html_safe_json(json.dumps(_clean(payload), separators=(",", ":"), allow_nan=False, default=_json_default))
     note = "" if payload.get("include_images") else (
         '<div class="note">Patient images are left out of this report (<code>report.include_images=false</code>): '
         "the maps are drawn on a neutral background.</div>")
