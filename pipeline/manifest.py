@@ -34,10 +34,19 @@ IDENTITY_KEYS = (
 )
 
 
+PATH_KEYS = ("dataset.root", "dataset.path")  # compared as absolute paths
+
+
 def identity(cfg: DictConfig) -> dict[str, Any]:
-    return {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True)
-            if OmegaConf.is_config(OmegaConf.select(cfg, k)) else OmegaConf.select(cfg, k)
-            for k in IDENTITY_KEYS}
+    """The identity keys' values; dataset paths made absolute, so a run resumed from another
+    working directory is recognised (and one pointing at other files is not)."""
+    out = {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True)
+           if OmegaConf.is_config(OmegaConf.select(cfg, k)) else OmegaConf.select(cfg, k)
+           for k in IDENTITY_KEYS}
+    for k in PATH_KEYS:
+        if isinstance(out.get(k), str) and out[k]:
+            out[k] = os.path.abspath(os.path.expanduser(out[k]))
+    return out
 
 
 def config_hash(obj: Any) -> str:

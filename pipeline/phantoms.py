@@ -628,9 +628,22 @@ def _draw_nodule(rng: np.random.Generator, sc: _Scene, lung_id: int, zone: str) 
     raise RuntimeError(f"could not place a nodule in the {zone} zone")
 
 
+def _effusion_levels(rng: np.random.Generator, tries: int = 30, steps: int = 24):
+    """(fill, rise) pairs to try for an effusion, as fractions of the lung's height: `tries`
+    random levels (fill 20-30 %, the meniscus rising a further 6-12 % at the chest wall), then
+    `steps` ever lower levels down to the costophrenic angle. The lower levels serve lungs whose
+    base is a thin crescent (a large heart on an AP view of a tall image cuts most of the left
+    base away): there a high meniscus's box is the crescent's box, whose centre lies on the heart."""
+    for _ in range(tries):
+        yield rng.uniform(0.20, 0.30), rng.uniform(0.06, 0.12)
+    for f in np.linspace(0.20, 0.0, steps, endpoint=False):
+        yield float(f), float(f) * 0.4
+
+
 def _draw_effusion(rng: np.random.Generator, sc: _Scene, lung_id: int) -> tuple[float, float, float, float]:
     """Pleural fluid at the lung base: a meniscus rising towards the chest wall (lateral) or the
-    posterior sulcus (lateral view), blunting the costophrenic angle."""
+    posterior sulcus (lateral view), blunting the costophrenic angle. Its box centre lies on the
+    lung in the lower zone (levels: `_effusion_levels`; the lowest is the lung's bottom row)."""
     lung = sc.fields == lung_id
     rows = np.flatnonzero(lung.any(axis=1))
     cols = np.flatnonzero(lung.any(axis=0))
@@ -640,14 +653,12 @@ def _draw_effusion(rng: np.random.Generator, sc: _Scene, lung_id: int) -> tuple[
     x_out = float(cols[0]) if d < 0 else float(cols[-1] + 1)
     x_in = float(cols[-1] + 1) if d < 0 else float(cols[0])
     lung_f = _blur(_dilate(lung, 2), 1.0)
-    for _ in range(30):
-        f = rng.uniform(0.20, 0.30)
-        rise = rng.uniform(0.06, 0.12)
-        lv_in = bot - f * h
-        lv_out = bot - (f + rise) * h
-        r = np.clip((sc.X - x_in) / (x_out - x_in), 0.0, 1.0)
+    r = np.clip((sc.X - x_in) / (x_out - x_in), 0.0, 1.0)
+    soft = max(1.5, 0.012 * sc.H)
+    for f, rise in _effusion_levels(rng):
+        lv_in = bot - max(f * h, 1.0)  # at least the bottom row is under fluid
+        lv_out = lv_in - rise * h
         surf = lv_in - (lv_in - lv_out) * r ** 2
-        soft = max(1.5, 0.012 * sc.H)
         alpha = np.clip(0.5 + (sc.Y - surf) / soft, 0.0, 1.0) * lung_f
         box = _bbox((alpha >= 0.5) & lung)
         if box is None or not _centre_ok(lung, box, "lower"):
@@ -656,7 +667,7 @@ def _draw_effusion(rng: np.random.Generator, sc: _Scene, lung_id: int) -> tuple[
         k = alpha * (0.80 + 0.15 * grad)
         sc.img = sc.img * (1.0 - k) + _FLUID * k
         return box
-    raise RuntimeError("could not place a pleural effusion")
+    raise RuntimeError(f"could not place a pleural effusion in a lung of rows {int(top)}-{int(bot) - 1}")
 
 
 def _draw_pneumothorax(rng: np.random.Generator, sc: _Scene, lung_id: int) -> tuple[float, float, float, float]:

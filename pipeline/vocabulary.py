@@ -80,16 +80,22 @@ LABEL_COLUMNS: tuple[str, ...] = tuple(label_column(f) for f in FINDINGS)
 
 
 def label_state(value: object) -> float | None:
-    """Normalise a label value: 1.0, 0.0, -1.0, or None for not mentioned (blank / NaN)."""
+    """Normalise a label value: 1.0, 0.0, -1.0, or None for not mentioned (None, a NaN number,
+    or blank text). Text must be blank or a number equal to 1, 0 or -1 ("1", "1.0", "-1");
+    anything else ("2", "1.5", "yes", "nan" text, ...) raises ValueError naming the value."""
     if value is None:
         return None
-    if isinstance(value, str):
-        value = value.strip()
-        if value == "":
-            return None
-    v = float(value)  # type: ignore[arg-type]
-    if math.isnan(v):
-        return None
+    try:
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            v = float(value.strip())
+        else:
+            v = float(value)  # type: ignore[arg-type]
+            if math.isnan(v):
+                return None
+    except (TypeError, ValueError):
+        v = math.nan
     if v not in (1.0, 0.0, -1.0):
-        raise ValueError(f"label value {value!r} is not one of 1.0, 0.0, -1.0 or blank")
+        raise ValueError(f"label value {value!r} is not one of 1, 0, -1 or blank")
     return v

@@ -110,11 +110,14 @@ def run(ctx) -> dict[str, Any]:
     log.info("load: %d images selected (%d in all), %d already done, %d to read",
              len(selected), len(records), len(selected) - len(todo), len(todo))
     n_rows = n_err = 0
+    rejected: set[str] = set()  # one errors/ row per image id, however many records share it
     with ctx.writer("samples") as writer, ctx.writer("body_masks") as mask_writer:
         for rec in ctx.progress(todo, total=len(todo), desc="load"):
+            if rec.image_id in rejected:
+                continue
             try:
                 if rec.error:
-                    raise DatasetRowError(rec.error)
+                    raise DatasetRowError("; ".join([rec.error, *rec.problems]))
                 img = read_image(rec.image_path, max_pixels=cfg.dataset.max_pixels)
                 digest = _sha256(rec.image_path)
                 boxes, box_notes = check_boxes(rec.boxes, img.width, img.height)
@@ -122,10 +125,12 @@ def run(ctx) -> dict[str, Any]:
             except Exception as e:  # one bad image is an error row, never the end of the run
                 ctx.record_error("load", sample_id(rec.dataset, rec.image_id, "*"), e, image_id=rec.image_id,
                                  detail=rec.image_path)
+                rejected.add(rec.image_id)
                 n_err += 1
                 continue
-            for note in [*rec.problems, *box_notes]:  # recorded, the image is loaded
-                ctx.record_error("dataset", sample_id(rec.dataset, rec.image_id, "*"), DatasetRowError(note),
+            notes = [*rec.problems, *box_notes]
+            if notes:  # recorded in one row (one key per image), the image is loaded
+                ctx.record_error("dataset", sample_id(rec.dataset, rec.image_id, "*"), DatasetRowError("; ".join(notes)),
                                  image_id=rec.image_id, detail=rec.image_path)
             mask_writer.add(mask_row(rec.image_id, digest, img.pixels, ctx.shard))
             writer.add(rows)
