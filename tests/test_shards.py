@@ -126,7 +126,8 @@ def test_a_bad_row_is_an_error_row_and_score_completes(tmp_path, tiny_model_dir)
     stages = ["explain.targets=[answer_span]", "explain.methods=[chefer]"]
     _run(tmp_path, tiny_model_dir, "stages=[load,generate,explain]", *stages)
     rel = _rows(tmp_path, "relevancy")
-    bad = rel[rel["status"] == "ok"].iloc[0].to_dict()
+    bad = {k: None if isinstance(v, float) and v != v else v  # NaN of a null column -> null
+           for k, v in rel[rel["status"] == "ok"].iloc[0].to_dict().items()}
     n_ok = (rel["status"] == "ok").sum()
     # a malformed map (grid of 4 x 4 with 5 values) under a new method name, in this shard's folder
     RunStore(tmp_path).shard(0, 1).write_rows("relevancy", [{**bad, "method": "random", "image_map": [1.0] * 5}])
@@ -137,3 +138,20 @@ def test_a_bad_row_is_an_error_row_and_score_completes(tmp_path, tiny_model_dir)
     assert "reshape" in errors["message"].iloc[0]
     scored = _rows(tmp_path, "metrics")  # every other row, the bad sample's chefer row included
     assert len(scored) == n_ok and set(scored["method"]) == {"chefer"}
+
+
+def test_a_finished_shards_score_resume_reads_no_map(tmp_path, tiny_model_dir, monkeypatch):
+    from pipeline.store import ShardView
+
+    stages = ["explain.targets=[answer_span]", "explain.methods=[chefer]"]
+    _run(tmp_path, tiny_model_dir, "stages=[load,generate,explain,score]", *stages)
+    asked = []
+    real = ShardView.read
+
+    def spy(self, name, columns=None, **kw):
+        asked.append((name, tuple(columns or ())))
+        return real(self, name, columns, **kw)
+
+    monkeypatch.setattr(ShardView, "read", spy)
+    _run(tmp_path, tiny_model_dir, "stages=[score]", *stages)
+    assert asked and not [a for a in asked if a[0] == "relevancy" and "image_map" in a[1]]

@@ -37,6 +37,7 @@ from pipeline.vocabulary import label_column
 log = logging.getLogger(__name__)
 
 KEYS = ["sample_id", "target_kind", "target_label", "token_start", "method"]
+SCORE_CHUNK_IMAGES = 256  # images whose maps are held at once
 
 
 def localisation_finding(target_kind: str, target_label: str, prompt_kind: str, prompt_finding: Any) -> str | None:
@@ -100,13 +101,10 @@ def _metric_row(r: dict[str, Any], s: pd.Series, image_id: str, mask: np.ndarray
     }
 
 
-def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame) -> tuple[int, int]:
-    """metrics/ rows of this shard's relevancy rows that have none; a row that cannot be scored
-    (an image with no body mask, a malformed map or box) is an errors/ row of its sample, once,
-    and is not tried again on resume unless retry_errors."""
-    only = ds.field("sample_id").isin(sorted(samples["sample_id"]))
-    done = ctx.view.keys("metrics", foreign_filter=only)
-    failed = set() if ctx.cfg.retry_errors else ctx.view.error_keys("score", only)
+def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, done: set, failed: set) -> tuple[int, int]:
+    """metrics/ rows of relevancy rows `rel` whose key is not in `done`; a row that cannot be
+    scored (an image with no body mask, a malformed map or box) is an errors/ row of its sample,
+    once, and is not tried again on resume (`failed`) unless retry_errors."""
     rel = rel[[tuple(k) not in done and k[0] not in failed for k in rel[KEYS].itertuples(index=False, name=None)]]
     if rel.empty:
         return 0, 0
@@ -146,7 +144,7 @@ def _normalised(grid: np.ndarray) -> np.ndarray | None:
     return None if not np.isfinite(total) or total <= 0 else grid / total
 
 
-def _sensitivity_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, gens: pd.DataFrame) -> int:
+def _sensitivity_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, gens: pd.DataFrame, done: set) -> int:
 
     if rel.empty:
         return 0
@@ -156,7 +154,6 @@ def _sensitivity_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, gens: pd.Da
     rel["group"] = [sensitivity_label(k, lab, pk, pf) for k, lab, pk, pf in
                     zip(rel["target_kind"], rel["target_label"], rel["prompt_kind"], rel["prompt_finding"])]
     rel = rel[rel["group"].notna()]
-    done = ctx.view.keys("sensitivity", foreign_filter=ds.field("image_id").isin(sorted(samples["image_id"].unique())))
     rows: list[dict[str, Any]] = []
     failed: set[str] = set()
     for (image_id, kind, group, method), grp in rel.groupby(["image_id", "target_kind", "group", "method"], sort=True):
@@ -239,18 +236,46 @@ def _answer_rows(ctx, samples: pd.DataFrame, gens: pd.DataFrame) -> int:
     return len(rows)
 
 
+def _pending_images(keys: pd.DataFrame, image_of: dict, done: set, failed: set, sens_images: set) -> list[str]:
+    """Images with work left: a relevancy row without its metrics row (not failed), or two
+    prompt variants with maps and no sensitivity row yet. Decided from keys alone: a finished
+    shard's resume reads no map."""
+    pending = set()
+    for k in keys[KEYS].itertuples(index=False, name=None):
+        if k not in done and k[0] not in failed:
+            pending.add(image_of[k[0]])
+    variants = keys.assign(image_id=[image_of[s] for s in keys["sample_id"]]).groupby("image_id")["sample_id"].nunique()
+    pending |= {i for i, n in variants.items() if n >= 2 and i not in sens_images}
+    return sorted(pending)
+
+
 def run(ctx) -> dict[str, Any]:
+    """Score this shard image chunk by image chunk (`SCORE_CHUNK_IMAGES` images' maps in memory
+    at a time); answers once."""
     samples = shard_samples(ctx)
     ids = set(samples["sample_id"])
     only = ds.field("sample_id").isin(sorted(ids))
-    rel = ctx.view.read("relevancy", KEYS + ["status", "grid_h", "grid_w", "image_map", "matched_text"],
-                        filter=ds.field("status") == "ok", foreign_filter=only)
-    rel = rel[rel["sample_id"].isin(ids)].drop_duplicates(KEYS)
     image_of = dict(zip(samples["sample_id"], samples["image_id"]))
-    rel = rel.assign(image_id=[image_of[s] for s in rel["sample_id"]])
+    ok = ds.field("status") == "ok"
+    keys = ctx.view.read("relevancy", KEYS, filter=ok, foreign_filter=only)
+    keys = keys[keys["sample_id"].isin(ids)].drop_duplicates(KEYS)
+    done = ctx.view.keys("metrics", foreign_filter=only)
+    failed = set() if ctx.cfg.retry_errors else ctx.view.error_keys("score", only)
+    sens_only = ds.field("image_id").isin(sorted(samples["image_id"].unique()))
+    sens_done = ctx.view.keys("sensitivity", foreign_filter=sens_only)
+    pending = _pending_images(keys, image_of, done, failed, {k[0] for k in sens_done})
     gens = ctx.view.read("generations", ["sample_id", "answer"], foreign_filter=only)
     gens = gens[gens["sample_id"].isin(ids)]
-    n_metrics, n_err = _metrics_rows(ctx, samples, rel)
-    n_sens = _sensitivity_rows(ctx, samples, rel, gens)
+    n_metrics = n_err = n_sens = 0
+    for c in range(0, len(pending), SCORE_CHUNK_IMAGES):
+        chunk = samples[samples["image_id"].isin(pending[c: c + SCORE_CHUNK_IMAGES])]
+        wanted = ds.field("sample_id").isin(sorted(chunk["sample_id"]))
+        rel = ctx.view.read("relevancy", KEYS + ["grid_h", "grid_w", "image_map", "matched_text"], filter=ok & wanted,
+                            foreign_filter=wanted).drop_duplicates(KEYS)
+        rel = rel.assign(image_id=[image_of[s] for s in rel["sample_id"]])
+        m, e = _metrics_rows(ctx, chunk, rel, done, failed)
+        n_metrics, n_err = n_metrics + m, n_err + e
+        n_sens += _sensitivity_rows(ctx, chunk, rel, gens, sens_done)
     n_answers = _answer_rows(ctx, samples, gens)
-    return {"metrics_rows": n_metrics, "sensitivity_rows": n_sens, "answer_rows": n_answers, "errors": n_err}
+    return {"metrics_rows": n_metrics, "sensitivity_rows": n_sens, "answer_rows": n_answers, "errors": n_err,
+            "images_scored": len(pending)}
