@@ -8,6 +8,11 @@ sequence (6 single answer tokens and 2 multi-token spans) with
   propagation, no parameter gradients;
 - the plain reference (``tests/reference_chefer.py::reference_chefer``): eager forward with
   ``output_attentions``, one backward per target with parameter gradients, full N x N ``R``;
+- the other gradient methods of the registry on the same targets: ``legrad`` (from the same
+  attention gradients as Chefer: alone, and together with Chefer, sharing the VJPs),
+  ``gradcam``, ``integrated_gradients`` (``--ig-steps`` midpoint steps, ``--ig-batch``
+  variants per pass: steps x targets forward and backward passes of its own) and ``attnlrp``
+  (one forward with the LRP rules, one backward per target);
 
 and also times one plain no-grad forward pass (the model's default attention implementation, as
 used for generation).
@@ -279,6 +284,8 @@ def main() -> None:
     p.add_argument("--answer-tokens", type=int, default=40)
     p.add_argument("--targets", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=8)
+    p.add_argument("--ig-steps", type=int, default=16, help="integrated_gradients: midpoint steps")
+    p.add_argument("--ig-batch", type=int, default=16, help="integrated_gradients: variants per pass")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-reference", action="store_true")
@@ -304,7 +311,8 @@ def main() -> None:
 
     def engine(methods, chunk_size=args.chunk_size):
         return lambda: explain_sequence(
-            model, ids, pixels, types, targets, methods, prompt_length=prompt_length, chunk_size=chunk_size
+            model, ids, pixels, types, targets, methods, prompt_length=prompt_length, chunk_size=chunk_size,
+            ig_steps=args.ig_steps, perturbation_batch_size=args.ig_batch,
         )
 
     spans = [(t.start, t.end) for t in targets]
@@ -314,6 +322,12 @@ def main() -> None:
         (f"engine chefer (chunk_size {args.chunk_size})", engine(["chefer"]), args.repeats, True),
         ("engine chefer (chunk_size 1)", engine(["chefer"], 1), args.repeats, True),
         (f"engine all methods (chunk_size {args.chunk_size})", engine(list(METHODS)), args.repeats, True),
+        (f"engine legrad (chunk_size {args.chunk_size})", engine(["legrad"]), args.repeats, True),
+        ("engine chefer + legrad (shared VJPs)", engine(["chefer", "legrad"]), args.repeats, True),
+        ("engine gradcam", engine(["gradcam"]), args.repeats, True),
+        (f"engine integrated_gradients ({args.ig_steps} steps)", engine(["integrated_gradients"]),
+         max(1, args.repeats - 1), True),
+        ("engine attnlrp", engine(["attnlrp"]), args.repeats, True),
     ]
     if not args.skip_reference:
         from reference_chefer import reference_chefer
@@ -340,6 +354,14 @@ def main() -> None:
         f"self-checks: image_tokens_ok={check.image_tokens_ok} argmax_matches={check.argmax_matches} "
         f"(random answer, expected False) batched={check.batched} forward_len={check.forward_len}"
     )
+    ig = engine(["integrated_gradients"])()
+    rel = [r.maps["integrated_gradients"].extras["completeness_error"]
+           / max(abs(r.maps["integrated_gradients"].extras["score_delta"]), 1e-12) for r in ig.results]
+    print(f"integrated_gradients ({args.ig_steps} steps): completeness error / |S(x) - S(baseline)| "
+          f"median {statistics.median(rel):.2e}, max {max(rel):.2e}")
+    lrp = engine(["attnlrp"])()
+    cons = [r.maps["attnlrp"].extras["conservation_error"] / max(abs(r.score), 1e-12) for r in lrp.results]
+    print(f"attnlrp: conservation error / |S| median {statistics.median(cons):.2e}, max {max(cons):.2e}")
     if not args.skip_reference:
         ref = reference()
         diff = max(

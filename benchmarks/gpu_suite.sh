@@ -40,7 +40,7 @@ if [ "$SMOKE" = "--smoke" ]; then
   REL_SIZE=(--layers 2 --hidden 64 --image-tokens 16 --answer-tokens 12 --repeats 1)
   REL_4B=(--layers 2 --hidden 128 --heads 2 --kv-heads 1 --head-dim 64 --vocab 2048 --image-tokens 16 --answer-tokens 12 --repeats 1)
   MG=(--device cpu --dtype float32 --layers 1 --vision-layers 1 --image-size 224 --vocab 8192 --new 4 --batch 1,2 --attn eager,vision_sdpa)
-  E2E=(model.device=cpu dataset.n=2 generate.max_new_tokens=24 "explain.methods=[chefer,random]" explain.explorer_samples=1 metrics.faithfulness_steps=2)
+  E2E=(model.device=cpu dataset.n=2 generate.max_new_tokens=24 "explain.methods=[chefer,random]" explain.explorer_samples=1 faithfulness.steps=2)
 else
   DEV=(--device cuda --dtype bfloat16)
   REL_SIZE=()

@@ -13,13 +13,15 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from pipeline import method_names
 from pipeline.method_names import ALL_METHODS
 
-STAGES: tuple[str, ...] = ("load", "generate", "explain", "score", "compact", "report")
+STAGES: tuple[str, ...] = ("load", "generate", "explain", "faithfulness", "score", "compact", "report")
 DATASETS: tuple[str, ...] = ("mimic_cxr", "nih_cxr14", "manifest", "demo")
 SIDE_MARKER_MODES: tuple[str, ...] = ("default", "none", "lesion_side", "opposite")
 TARGET_KINDS: tuple[str, ...] = ("keywords", "laterality", "answer_token", "answer_span", "answer_tokens")
-METHODS: tuple[str, ...] = ALL_METHODS
+METHODS: tuple[str, ...] = ALL_METHODS  # built-in names; validation also accepts registered plug-ins
+SCORE_KINDS: tuple[str, ...] = ("logit", "logprob", "contrast")  # pipeline.relevancy.scores.SCORE_KINDS
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 PROMPT_KINDS: tuple[str, ...] = ("free_text", "yes_no")
 
@@ -104,7 +106,21 @@ class ExplainConfig:
     explorer_samples: int = 8  # first sample of this many images: every answer token explained too
     occlusion_block: int = 1  # occlusion: k x k blocks of image tokens
     occlusion_baseline: str = "mean"  # what replaces an occluded token's embedding: mean | zero
-    perturbation_batch_size: int = 16  # perturbed variants per forward pass (occlusion, faithfulness)
+    perturbation_batch_size: int = 16  # perturbed variants per forward pass (occlusion, integrated_gradients)
+    score: str = "logit"  # what gradient methods explain: logit | logprob | contrast (pipeline.relevancy.scores)
+    # contrast: a single-token target's word against its counterpart (either way round)
+    contrast_pairs: List[List[str]] = field(default_factory=lambda: [["yes", "no"], ["left", "right"]])
+    ig_steps: int = 16  # integrated_gradients: midpoint steps along the path
+    ig_baseline: str = "mean"  # integrated_gradients: mean | zero image-token baseline
+
+
+#: keys that moved from `metrics` to the `faithfulness` group (a run passing the old one fails)
+MOVED_METRICS_KEYS: dict[str, str] = {
+    "faithfulness": "faithfulness.enabled",
+    "faithfulness_steps": "faithfulness.steps",
+    "faithfulness_kinds": "faithfulness.kinds",
+    "faithfulness_baseline": "faithfulness.baseline",
+}
 
 
 @dataclass
@@ -116,13 +132,24 @@ class MetricsConfig:
     left_fraction_range: List[float] = field(default_factory=lambda: [0.3, 0.7])
     max_sink_fraction: float = 0.5  # first-token or corner mass above this flags an attention sink
     iou_top_fraction: float = 0.1  # image share binarised for iou_top (cheXlocalize-style fixed fraction)
-    # deletion / insertion curves (need the model: computed in the explain stage).
-    # null: on for the embedded demo, off for other datasets (they cost forward passes per map).
-    faithfulness: Optional[bool] = None
-    faithfulness_steps: int = 8
+    # moved to the faithfulness group (MOVED_METRICS_KEYS): accepted by the schema only so that
+    # validate() can name the new key; any value fails.
+    faithfulness: Optional[Any] = None
+    faithfulness_steps: Optional[Any] = None
+    faithfulness_kinds: Optional[Any] = None
+    faithfulness_baseline: Optional[Any] = None
+
+
+@dataclass
+class FaithfulnessConfig:
+    """Deletion / insertion curves of the stored maps (stage `faithfulness`; needs the model)."""
+
+    enabled: Optional[bool] = None  # null: on for dataset=demo, off otherwise (forward passes per map)
+    steps: int = 8
     # target kinds whose maps get curves (each map costs about 2 x steps perturbed forward passes)
-    faithfulness_kinds: List[str] = field(default_factory=lambda: ["keywords", "laterality", "answer_token"])
-    faithfulness_baseline: str = "mean"  # mean | zero
+    kinds: List[str] = field(default_factory=lambda: ["keywords", "laterality", "answer_token"])
+    baseline: str = "mean"  # mean | zero
+    batch_size: int = 16  # perturbed variants per forward pass
 
 
 @dataclass
@@ -155,6 +182,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    faithfulness: FaithfulnessConfig = field(default_factory=FaithfulnessConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
@@ -168,14 +196,36 @@ def register_configs() -> None:
 
 
 def faithfulness_enabled(cfg: Any) -> bool:
-    """`metrics.faithfulness`, where null means: on for dataset=demo, off otherwise."""
-    f = cfg.metrics.faithfulness
+    """`faithfulness.enabled`, where null means: on for dataset=demo, off otherwise."""
+    f = cfg.faithfulness.enabled
     return cfg.dataset.name == "demo" if f is None else bool(f)
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+
+
+def _validate_explain(e: Any) -> None:
+    """explain.methods (the method registry's names, pipeline.method_names), score and its pairs."""
+    for m in e.methods:
+        _check_choice("explain.methods", m, method_names.known_methods())
+    _check_choice("explain.occlusion_baseline", e.occlusion_baseline, ("mean", "zero"))
+    _check_choice("explain.ig_baseline", e.ig_baseline, ("mean", "zero"))
+    _check_choice("explain.score", e.score, SCORE_KINDS)
+    for pair in e.contrast_pairs:
+        if len(pair) != 2 or not all(isinstance(w, str) and w.strip() for w in pair) or pair[0] == pair[1]:
+            raise ConfigError(f"explain.contrast_pairs: {list(pair)} must be two different words")
+
+
+def _validate_faithfulness(cfg: Any) -> None:
+    """The faithfulness group; the keys that moved out of metrics fail, naming where they went."""
+    for old, new in MOVED_METRICS_KEYS.items():
+        if OmegaConf.select(cfg, f"metrics.{old}") is not None:
+            raise ConfigError(f"metrics.{old} moved to {new} (the faithfulness stage); set {new} instead")
+    _check_choice("faithfulness.baseline", cfg.faithfulness.baseline, ("mean", "zero"))
+    for k in cfg.faithfulness.kinds:
+        _check_choice("faithfulness.kinds", k, TARGET_KINDS)
 
 
 def validate(cfg: Any) -> None:
@@ -213,15 +263,12 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"generate.max_new_tokens={cfg.generate.max_new_tokens} must be >= 1")
     for t in cfg.explain.targets:
         _check_choice("explain.targets", t, TARGET_KINDS)
-    for m in cfg.explain.methods:
-        _check_choice("explain.methods", m, METHODS)
-    _check_choice("explain.occlusion_baseline", cfg.explain.occlusion_baseline, ("mean", "zero"))
-    _check_choice("metrics.faithfulness_baseline", cfg.metrics.faithfulness_baseline, ("mean", "zero"))
-    for k in cfg.metrics.faithfulness_kinds:
-        _check_choice("metrics.faithfulness_kinds", k, TARGET_KINDS)
+    _validate_explain(cfg.explain)
+    _validate_faithfulness(cfg)
     if cfg.explain.explorer_samples < 0:
         raise ConfigError(f"explain.explorer_samples={cfg.explain.explorer_samples} must be >= 0")
-    for key in ("explain.occlusion_block", "explain.perturbation_batch_size", "metrics.faithfulness_steps"):
+    for key in ("explain.occlusion_block", "explain.perturbation_batch_size", "explain.ig_steps",
+                "faithfulness.steps", "faithfulness.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be >= 1")
     if cfg.explain.memory_budget_gb is not None and cfg.explain.memory_budget_gb <= 0:

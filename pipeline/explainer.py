@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.generation import Generation, generate_batch, model_inputs_for_sequence
 from pipeline.model import LoadedModel, load_model
-from pipeline.relevancy import Target, explain_sequence
+from pipeline.relevancy import SequenceInputs, Target, explain
 from pipeline.targets import TargetSpan, answer_span_target, answer_tokens_targets, keyword_targets
 
 
@@ -133,11 +133,10 @@ class Explainer:
         return self.loaded.tokenizer.convert_ids_to_tokens(int(token_id))
 
     def _explain_spans(self, image: Image.Image, gen: Generation, spans: list[TargetSpan]) -> ExplanationResult:
-        inputs = model_inputs_for_sequence(self.loaded, image, gen.sequence_ids)
-        out = explain_sequence(self.loaded.model, inputs["input_ids"], inputs["pixel_values"],
-                               inputs["token_type_ids"], [Target(s.token_start, s.token_end) for s in spans],
-                               self.methods, attention_mask=inputs["attention_mask"],
-                               prompt_length=gen.prompt_length, chunk_size=self.chunk_size, seed=self.seed)
+        seq = SequenceInputs.of(model_inputs_for_sequence(self.loaded, image, gen.sequence_ids),
+                                prompt_length=gen.prompt_length)
+        out = explain(self.loaded.model, seq, [Target(s.token_start, s.token_end) for s in spans], self.methods,
+                      chunk_size=self.chunk_size, seed=self.seed)
 
         def mean_map(method: str, text: bool) -> np.ndarray | None:
             arrs = [r.maps[method].text_map if text else r.maps[method].image_map for r in out.results]

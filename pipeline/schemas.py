@@ -83,11 +83,15 @@ RELEVANCY = pa.schema(
         ("grid_w", pa.int32()),
         ("image_map", pa.list_(pa.float32())),  # row-major grid_h x grid_w, raw (not normalised)
         ("text_map", pa.list_(pa.float32())),  # relevancy over all sequence positions (or null)
-        ("target_score", pa.float32()),  # the explained score: sum of the target tokens' logits
+        ("target_score", pa.float32()),  # the explained score, of score_kind (logit: sum of the target tokens' logits)
         ("argmax_matches", pa.bool_()),  # teacher-forced argmax reproduces the answer
         ("image_tokens_ok", pa.bool_()),  # image-token count == grid_h * grid_w
         ("seconds", pa.float32()),
         ("shard", pa.int32()),
+        ("score_kind", pa.string()),  # explain.score in force: logit | logprob | contrast (null: written before; logit)
+        ("contrast_token", pa.string()),  # contrast: the counterpart token explained against (null: plain logit)
+        ("completeness_error", pa.float32()),  # integrated_gradients: |sum of attributions - (S(x) - S(baseline))|
+        ("conservation_error", pa.float32()),  # attnlrp: |sum of input relevance - target_score|
     ]
 )
 

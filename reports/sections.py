@@ -46,7 +46,7 @@ KIND_ORDER = ("keywords", "laterality", "answer_token", "answer_span", "answer_t
 LABEL_STATES = ("positive", "negative", "uncertain", "not_mentioned")
 PARSED = ("yes", "no", "uncertain", "unparsed")
 STAGE_OF = {"generations": "generate", "relevancy": "explain", "metrics": "score", "sensitivity": "score",
-            "answers": "score", "faithfulness": "score (metrics.faithfulness=true)", "samples": "load"}
+            "answers": "score", "faithfulness": "faithfulness (faithfulness.enabled=true)", "samples": "load"}
 CLUSTER_NOTE = ("Intervals are patient-level cluster bootstrap 95% intervals: patients (subject_id; the image "
                 "where that is unknown) are resampled with replacement, {b} resamples, percentile interval "
                 "(seed {seed}), so rows of one patient do not count as independent.")

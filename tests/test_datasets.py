@@ -3,7 +3,6 @@ manifests; the shared vocabulary; deterministic shards."""
 from __future__ import annotations
 
 import gzip
-import json
 import shutil
 from pathlib import Path
 

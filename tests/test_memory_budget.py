@@ -33,7 +33,7 @@ def test_explain_stage_with_tiny_budget_equals_unbounded(tmp_path, tiny_model_di
 
     common = [f"model.name_or_path={tiny_model_dir}", "model.device=cpu", "dataset.n=4", "dataset.limit=1",
               "prompts=findings", "generate.max_new_tokens=6", "explain.targets=[answer_tokens]",
-              "explain.methods=[chefer]", "stages=[load,generate,explain]", "metrics.faithfulness=false"]
+              "explain.methods=[chefer]", "stages=[load,generate,explain]"]
     run_pipeline([*common, f"run_dir={tmp_path / 'a'}"])
     run_pipeline([*common, f"run_dir={tmp_path / 'b'}", "explain.memory_budget_gb=0.000001"])
     key = ["sample_id", "token_start", "method"]

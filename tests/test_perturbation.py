@@ -1,5 +1,5 @@
 """Perturbation of image soft tokens: batched variants, faithfulness curves, occlusion, and the
-explain stage's faithfulness/ table (tiny random Gemma 3 models, CPU)."""
+faithfulness stage's faithfulness/ table (tiny random Gemma 3 models, CPU)."""
 
 from __future__ import annotations
 
@@ -301,7 +301,7 @@ def test_failures_raise_instead_of_returning_a_map(model, inputs, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# explain stage: faithfulness/ rows, resume, turning it on later, failures
+# faithfulness stage: faithfulness/ rows, resume, turning it on later, failures
 
 KEY = ["sample_id", "target_kind", "target_label", "token_start", "method"]
 
@@ -309,8 +309,8 @@ KEY = ["sample_id", "target_kind", "target_label", "token_start", "method"]
 def _overrides(model_dir, run_dir, *extra: str) -> list[str]:
     return [f"model.name_or_path={model_dir}", "model.device=cpu", "dataset.n=4", "dataset.limit=2",
             "prompts=findings", "generate.max_new_tokens=8", "explain.targets=[answer_span]",
-            "metrics.faithfulness_kinds=[answer_span]",
-            "explain.methods=[chefer,random,occlusion]", "explain.explorer_samples=0", "stages=[load,generate,explain]",
+            "faithfulness.kinds=[answer_span]", "explain.methods=[chefer,random,occlusion]",
+            "explain.explorer_samples=0", "stages=[load,generate,explain,faithfulness]",
             f"run_dir={run_dir}",
             *extra]
 
@@ -319,9 +319,9 @@ def _faith(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(run_dir / "faithfulness").sort_values(KEY).reset_index(drop=True)
 
 
-def test_explain_stage_writes_faithfulness_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+def test_faithfulness_stage_writes_curves_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
     run_a = tmp_path / "a"
-    run_pipeline(_overrides(tiny_model_dir, run_a, "metrics.faithfulness=true"))
+    run_pipeline(_overrides(tiny_model_dir, run_a, "faithfulness.enabled=true"))
     rel = pd.read_parquet(run_a / "relevancy")
     faith = _faith(run_a)
     ok = rel[rel["status"] == "ok"]
@@ -335,22 +335,22 @@ def test_explain_stage_writes_faithfulness_and_resumes(tmp_path, tiny_model_dir,
     occ = ok[ok["method"] == "occlusion"]
     assert all((np.asarray(m) >= 0).all() for m in occ["image_map"])
 
-    # target kinds left out of metrics.faithfulness_kinds get no curves
+    # target kinds left out of faithfulness.kinds get no curves
     run_c = tmp_path / "c"
-    run_pipeline(_overrides(tiny_model_dir, run_c, "metrics.faithfulness=true",
-                            "metrics.faithfulness_kinds=[keywords,answer_token]"))
+    run_pipeline(_overrides(tiny_model_dir, run_c, "faithfulness.enabled=true",
+                            "faithfulness.kinds=[keywords,answer_token]"))
     assert len(pd.read_parquet(run_c / "relevancy").query("status == 'ok'")) == 6
     assert not (run_c / "faithfulness").exists() or pd.read_parquet(run_c / "faithfulness").empty
 
     # a resumed run adds nothing
-    run_pipeline(_overrides(tiny_model_dir, run_a, "metrics.faithfulness=true"))
+    run_pipeline(_overrides(tiny_model_dir, run_a, "faithfulness.enabled=true"))
     again = pd.read_parquet(run_a / "faithfulness")
     assert len(again) == len(faith) and not again.duplicated(KEY).any()
     assert len(pd.read_parquet(run_a / "relevancy")) == len(rel)
 
     # faithfulness turned on later: computed from the stored maps; a failure is an errors/ row
     run_b = tmp_path / "b"
-    run_pipeline(_overrides(tiny_model_dir, run_b, "metrics.faithfulness=false"))
+    run_pipeline(_overrides(tiny_model_dir, run_b, "faithfulness.enabled=false"))
     assert not (run_b / "faithfulness").exists()
 
     def fail(*args, **kwargs):
@@ -359,14 +359,33 @@ def test_explain_stage_writes_faithfulness_and_resumes(tmp_path, tiny_model_dir,
     import pipeline.relevancy as relevancy
 
     monkeypatch.setattr(relevancy, "faithfulness_curves_batch", fail)
-    run_pipeline(_overrides(tiny_model_dir, run_b, "metrics.faithfulness=true"))
+    run_pipeline(_overrides(tiny_model_dir, run_b, "faithfulness.enabled=true"))
     errors = pd.read_parquet(run_b / "errors")
     assert list(errors["stage"]) == ["faithfulness"] * 2 and "simulated" in errors["message"].iloc[0]
     assert not (run_b / "faithfulness").exists()
     monkeypatch.undo()
-    run_pipeline(_overrides(tiny_model_dir, run_b, "metrics.faithfulness=true"))  # failed samples are skipped
+    run_pipeline(_overrides(tiny_model_dir, run_b, "faithfulness.enabled=true"))  # failed samples are skipped
     assert not (run_b / "faithfulness").exists()
-    run_pipeline(_overrides(tiny_model_dir, run_b, "metrics.faithfulness=true", "retry_errors=true"))
+    run_pipeline(_overrides(tiny_model_dir, run_b, "faithfulness.enabled=true", "retry_errors=true"))
     later = _faith(run_b)
     pd.testing.assert_frame_equal(later.drop(columns=["shard"]), faith.drop(columns=["shard"]), check_exact=False,
                                   rtol=1e-5, atol=1e-5)
+
+
+def test_explain_only_explains_and_the_old_keys_fail(tmp_path, tiny_model_dir):
+    """The explain stage writes no curves even where faithfulness is on; metrics.faithfulness*
+    fail at start, naming the key they moved to."""
+    from conftest import compose
+
+    from pipeline.config import ConfigError, validate
+
+    run = tmp_path / "e"
+    run_pipeline(_overrides(tiny_model_dir, run, "faithfulness.enabled=true", "stages=[load,generate,explain]",
+                            "explain.methods=[random]"))
+    assert (run / "relevancy").exists() and not (run / "faithfulness").exists()
+    for old, new in [("metrics.faithfulness=true", "faithfulness.enabled"),
+                     ("metrics.faithfulness_steps=4", "faithfulness.steps"),
+                     ("metrics.faithfulness_kinds=[keywords]", "faithfulness.kinds"),
+                     ("metrics.faithfulness_baseline=zero", "faithfulness.baseline")]:
+        with pytest.raises(ConfigError, match=f"{old.split('=')[0]} moved to {new}"):
+            validate(compose([old]))

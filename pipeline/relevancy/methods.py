@@ -28,6 +28,7 @@ __all__ = [
     "attention_flow_map",
     "consensus_map",
     "gradcam_map",
+    "legrad_layer",
     "activation_norm_map",
     "normalise_mass",
 ]
@@ -56,6 +57,19 @@ def chefer_rows(v: torch.Tensor, abar_l: torch.Tensor) -> torch.Tensor:
     if abar_l.dim() == 2:
         return v + v @ abar_l
     return v + torch.bmm(v.unsqueeze(1), abar_l).squeeze(1)
+
+
+def legrad_layer(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """One layer's LeGrad term ``sum_i mean_h max(0, dS/dA_{l,h}[i, j]) * [A_{l,h}[i, j] > 0]`` over keys ``j``.
+
+    ``grad``: (..., H, N, N) gradient of the score w.r.t. ``A_l`` (rows = queries ``i``);
+    ``probs``: (H, N, N) ``A_l``. Entries the mask removes (future keys, keys beyond a sliding
+    window: ``A = 0`` whatever the scores) are left out: their gradient is not a sensitivity of
+    anything the model can change. Returns (..., N) float32. LeGrad (Bousselham et al. 2024)
+    averages over the query rows; the sum differs by the constant ``1/N`` (see
+    :func:`pipeline.relevancy.library.legrad`).
+    """
+    return (grad.clamp(min=0) * (probs > 0)).float().sum(dim=-2).mean(dim=-2)
 
 
 def rollout_step(v: torch.Tensor, mean_probs_l: torch.Tensor) -> torch.Tensor:

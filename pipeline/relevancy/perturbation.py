@@ -18,7 +18,7 @@ Baselines (``baseline=``):
 - ``"zero"``: the zero vector (out of distribution for Gemma 3, whose soft tokens have large
   norms; useful as a harsher check).
 
-Score. For a target explaining ``input_ids[0, start:end]`` (see :class:`~.engine.Target`) the
+Score. For a target explaining ``input_ids[0, start:end]`` (see :class:`~.inputs.Target`) the
 score of a variant is its log-probability ``sum_{p in [start, end)} log_softmax(logits[p-1])[input_ids[p]]``
 in nats, computed in float32 whatever the model dtype.
 
@@ -73,7 +73,7 @@ import torch
 from torch import nn
 
 from .capture import find_language_model, no_grad_attention
-from .engine import Target, _as_target, _grid
+from .inputs import Target, as_target, grid_shape
 
 __all__ = [
     "BASELINES",
@@ -81,6 +81,7 @@ __all__ = [
     "ImagePerturber",
     "faithfulness_curves",
     "faithfulness_curves_batch",
+    "forward_embeddings",
     "occlusion_maps",
     "relevance_order",
     "trapezoid_auc",
@@ -337,7 +338,7 @@ class ImagePerturber:
         return embeds
 
     def _check_targets(self, targets: Sequence[Target | tuple[int, int]]) -> list[Target]:
-        out = [_as_target(t) for t in targets]
+        out = [as_target(t) for t in targets]
         last_image = int(self.image_positions[-1])
         for t in out:
             if t.end > self.seq_len:
@@ -360,7 +361,7 @@ class ImagePerturber:
         Args:
             replaced: (V, M) bool; row ``v`` marks the image tokens variant ``v`` replaces by the
                 baseline (all False: the unperturbed sequence).
-            targets: spans after the image block (see :class:`~.engine.Target`).
+            targets: spans after the image block (see :class:`~.inputs.Target`).
             which: optional, per variant the indices of the targets to score (default: all).
                 Variants are sorted by it before chunking, so chunks share logit rows.
 
@@ -416,44 +417,10 @@ class ImagePerturber:
         sub = mask.to(self.device)[:, :, None]  # (B, M, 1)
         img = self._img_pos_dev
         embeds[:, img] = torch.where(sub, self.baseline, embeds[:, img])
-
-        calls = 0
-
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            nonlocal calls
-            ids, args = _split_ids(args, kwargs)
-            current = kwargs.get("inputs_embeds")
-            shape = tuple(current.shape[:2]) if current is not None else tuple(ids.shape) if ids is not None else None
-            if shape != (b, n):
-                raise RuntimeError(f"language model called with a (batch, length) of {shape}, expected {(b, n)}")
-            calls += 1
-            kwargs = dict(kwargs)
-            kwargs["inputs_embeds"] = embeds
-            kwargs["input_ids"] = None
-            return args, kwargs
-
-        def expand(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x[:, :n].expand(b, -1).contiguous()
-
-        handle = self.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with no_grad_attention(self.model):
-                out = self.model(
-                    input_ids=expand(self.ids),
-                    pixel_values=None,
-                    token_type_ids=expand(self.token_type_ids),
-                    attention_mask=expand(self.attention_mask),
-                    position_ids=expand(self.position_ids),
-                    use_cache=False,
-                    logits_to_keep=keep,
-                )
-        finally:
-            handle.remove()
-        if calls != 1:
-            raise RuntimeError(f"the embedding substitution ran {calls} times in one forward pass, expected once")
+        prefix = {"input_ids": self.ids, "token_type_ids": self.token_type_ids,
+                  "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        out = forward_embeddings(self.model, self.language_model, embeds, prefix, keep)
         logits = out.logits  # (B, K, V)
-        if logits.shape[:2] != (b, len(rows)):
-            raise RuntimeError("the model ignored logits_to_keep; cannot map logit rows")
 
         # (variant, kept row, token, output slot) for every explained token of every wanted target
         var_idx, row_idx, tok, slot = [], [], [], []
@@ -478,6 +445,57 @@ class ImagePerturber:
         for vb, w in enumerate(wanted):
             values[vb, [ti for ti in range(n_tgt) if ti not in w]] = np.nan
         return values
+
+
+def forward_embeddings(model: nn.Module, language_model: nn.Module, embeds: torch.Tensor,
+                       prefix: Mapping[str, torch.Tensor | None], keep: torch.Tensor) -> Any:
+    """One forward pass of the variants ``embeds`` (B, n, D) of a sequence's language-model input.
+
+    ``prefix``: ``input_ids``, ``token_type_ids``, ``attention_mask``, ``position_ids`` of the
+    sequence, each (1, >= n) or ``None``; their first ``n`` positions are expanded to the batch,
+    so the model builds its masks as at generation (no pixel values: a pre-hook on the text
+    decoder swaps in ``embeds``). ``keep``: the logit rows to compute. Runs on "sdpa" where the
+    language model uses "eager" (:func:`~.capture.no_grad_attention`); gradients flow to
+    ``embeds`` when it requires grad. Returns the model output (``logits`` (B, len(keep), V)).
+    """
+    b, n = int(embeds.shape[0]), int(embeds.shape[1])
+    calls = 0
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        nonlocal calls
+        ids, args = _split_ids(args, kwargs)
+        current = kwargs.get("inputs_embeds")
+        shape = tuple(current.shape[:2]) if current is not None else tuple(ids.shape) if ids is not None else None
+        if shape != (b, n):
+            raise RuntimeError(f"language model called with a (batch, length) of {shape}, expected {(b, n)}")
+        calls += 1
+        kwargs = dict(kwargs)
+        kwargs["inputs_embeds"] = embeds
+        kwargs["input_ids"] = None
+        return args, kwargs
+
+    def expand(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[:, :n].expand(b, -1).contiguous()
+
+    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with no_grad_attention(model):
+            out = model(
+                input_ids=expand(prefix["input_ids"]),
+                pixel_values=None,
+                token_type_ids=expand(prefix.get("token_type_ids")),
+                attention_mask=expand(prefix.get("attention_mask")),
+                position_ids=expand(prefix.get("position_ids")),
+                use_cache=False,
+                logits_to_keep=keep,
+            )
+    finally:
+        handle.remove()
+    if calls != 1:
+        raise RuntimeError(f"the embedding substitution ran {calls} times in one forward pass, expected once")
+    if out.logits.shape[:2] != (b, len(keep)):
+        raise RuntimeError("the model ignored logits_to_keep; cannot map logit rows")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,7 +562,7 @@ def faithfulness_curves_batch(
 
     plans = []
     for target, image_map in pairs:
-        t = _as_target(target)
+        t = as_target(target)
         flat = np.asarray(image_map, dtype=np.float32).reshape(-1)
         if flat.size != m:
             raise ValueError(f"image map has {flat.size} values for {m} image tokens")
@@ -627,13 +645,13 @@ def occlusion_maps(
     the unperturbed one, shared by all targets, in chunks of ``batch_size``. Float32, raw,
     non-negative (see the module docstring for the all-zero case); raises on any failure.
     """
-    targets = [_as_target(t) for t in targets]
+    targets = [as_target(t) for t in targets]
     if not targets:
         raise ValueError("no targets given")
     if perturber is None:
         perturber = ImagePerturber(model, inputs, baseline=baseline, batch_size=batch_size)
     m = perturber.num_image_tokens
-    gh, gw = _grid(m, grid)
+    gh, gw = grid_shape(m, grid)
     blocks = occlusion_blocks(gh, gw, int(block))
     masks = np.zeros((len(blocks) + 1, m), dtype=bool)  # row 0: unperturbed
     for i, tokens in enumerate(blocks):

@@ -8,6 +8,7 @@ _MODULES = {
     "load": "pipeline.stages.load",
     "generate": "pipeline.stages.generate",
     "explain": "pipeline.stages.explain",
+    "faithfulness": "pipeline.stages.faithfulness",
     "score": "pipeline.stages.score",
     "compact": "pipeline.stages.compact",
     "report": "pipeline.stages.report",

@@ -1,27 +1,25 @@
-"""Stage `explain`: relevancy maps for the targets of every generated answer -> relevancy/,
-and (`metrics.faithfulness`; default: on for the demo only) deletion / insertion curves of those maps -> faithfulness/.
+"""Stage `explain`: relevancy maps for the targets of every generated answer -> relevancy/.
 
 Per sample: the targets named by `explain.targets` are found in the answer, de-duplicated by
-token span, and explained by every method of `explain.methods` with ONE forward pass over the
-stored sequence (see pipeline.relevancy; `occlusion` adds batched perturbed passes). A finding
-the answer does not mention (the finding a yes/no prompt asks about, or one the dataset labels
-positive) gets a row with status="not_mentioned" and no map: it is recorded as not explained,
-never replaced by another target.
+token span, and explained by every method of `explain.methods` with ONE captured forward pass
+over the stored sequence (see pipeline.relevancy; `occlusion` and `integrated_gradients` add
+their own batched passes). A finding the answer does not mention (the finding a yes/no prompt
+asks about, or one the dataset labels positive) gets a row with status="not_mentioned" and no
+map: it is recorded as not explained, never replaced by another target.
 
 Resume is exact per unit of work, a (sample, target kind, method): every unit gets at least one
 row (a kind with no target in the answer: one row with status "no_targets" and that kind), so a
 resumed run computes exactly the units it lacks. Adding a method or a target kind to a finished
 run explains just those; removing one deletes nothing. Only this shard's rows are read.
 
-Faithfulness (pipeline.relevancy.perturbation): every relevancy row with status "ok" whose
-method is in `explain.methods` and whose target kind is in `metrics.faithfulness_kinds` (and in
-`explain.targets`) gets one faithfulness/ row with the same key (sample_id,
-target_kind, target_label, token_start, method), computed with `metrics.faithfulness_steps`
-steps; the random floor's order is seeded per sample from `explain.seed` and the sample id. A
-row is done when its key is in faithfulness/, so a resumed run (or a run that turns
-faithfulness on later) computes exactly the missing keys, reading maps written by an earlier
-invocation back from relevancy/. A sample whose faithfulness fails is one errors/ row with
-stage "faithfulness" (skipped on resume unless `retry_errors=true`); its relevancy rows stay.
+Score (`explain.score`, pipeline.relevancy.scores): what gradient methods explain and what
+`target_score` holds. Every "ok" row records it in `score_kind`; under `contrast`,
+`contrast_token` names the counterpart a single-token target was explained against (null: the
+target has none and its plain logit was explained). A shard whose stored rows were explained
+with another score is refused (ConfigError naming explain.score), so a run never mixes scores:
+use a new run_dir to compare scores. Rows written before the column existed count as "logit".
+
+Deletion / insertion curves of these maps are the `faithfulness` stage's (pipeline.stages.faithfulness).
 """
 from __future__ import annotations
 
@@ -30,8 +28,7 @@ import logging
 import time
 from typing import Any
 
-
-from pipeline.config import faithfulness_enabled
+from pipeline.config import ConfigError
 from pipeline.prompts import finding_synonyms
 from pipeline.stages.common import get_model, read_pil, shard_samples
 from pipeline.vocabulary import FINDINGS, label_column
@@ -88,12 +85,6 @@ def explorer_samples(gens, n: int) -> set[str]:
     return set(list(first.values())[:n])
 
 
-def _faithful_kind(kind: str, kinds: set[str]) -> bool:
-    """Faithfulness curves are computed for `kinds` (explain.targets that are also in
-    metrics.faithfulness_kinds), never for the per-token targets added only for the explorer."""
-    return kind in kinds
-
-
 def _base_row(sample_id: str, method: str, shard: int) -> dict[str, Any]:
     return {"sample_id": sample_id, "method": method, "shard": shard}
 
@@ -109,50 +100,9 @@ def _chunk(cfg, model, seq_len: int) -> int:
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
-    """Seed of a sample's random faithfulness floor: stable across runs, shards and resumes."""
+    """Seed of a sample's `random` maps and random faithfulness floor: stable across runs, shards
+    and resumes."""
     return int.from_bytes(hashlib.sha256(f"{int(seed)}:{sample_id}".encode()).digest()[:8], "little")
-
-
-def _stored_pending(ctx, sample_ids: set[str], methods: list[str], done: set[tuple], skip: set[str]) -> dict[str, list]:
-    """This shard's stored "ok" relevancy rows of `sample_ids` and `methods` whose key has no
-    faithfulness row. Returns sample_id -> [(key, token_end, image_map)]; maps are read only for
-    those samples."""
-    import numpy as np
-    import pyarrow.dataset as ds
-
-    ok = ds.field("status") == "ok"
-    keys = ctx.view.read("relevancy", [*KEY, "status"], filter=ok,
-                         foreign_filter=ds.field("sample_id").isin(sorted(sample_ids)))
-    keys = keys[keys["sample_id"].isin(sample_ids) & keys["method"].isin(methods) & ~keys["sample_id"].isin(skip)]
-    rows = keys[list(KEY)].itertuples(index=False, name=None)
-    missing = np.fromiter((k not in done for k in rows), dtype=bool, count=len(keys))
-    keys = keys.loc[missing]
-    if keys.empty:
-        return {}
-    wanted = ds.field("sample_id").isin(sorted(set(keys["sample_id"])))
-    df = ctx.view.read("relevancy", [*KEY, "status", "token_end", "image_map"], filter=wanted & ok,
-                       foreign_filter=wanted)
-    df = df[df["method"].isin(methods)].drop_duplicates(list(KEY))
-    out: dict[str, list] = {}
-    for row in df.itertuples(index=False):
-        key = (row.sample_id, row.target_kind, row.target_label, int(row.token_start), row.method)
-        if key not in done:
-            out.setdefault(row.sample_id, []).append((key, int(row.token_end), row.image_map))
-    return out
-
-
-def _faithfulness_rows(loaded, inputs, pairs: list, cfg, sample_id: str, shard: int) -> list[dict[str, Any]]:
-    """faithfulness/ rows for `pairs` [(key, token_end, image_map)] of one sample."""
-    from pipeline.relevancy import Target, faithfulness_curves_batch
-
-    results = faithfulness_curves_batch(
-        loaded.model, inputs, [(Target(int(key[3]), int(end)), image_map) for key, end, image_map in pairs],
-        steps=int(cfg.metrics.faithfulness_steps),
-        baseline=cfg.metrics.faithfulness_baseline,
-        seed=sample_seed(cfg.explain.seed, sample_id),
-        batch_size=cfg.explain.perturbation_batch_size,
-    )
-    return [{**dict(zip(KEY, key)), **res.columns(), "shard": shard} for (key, _, _), res in zip(pairs, results)]
 
 
 def _done_units(ctx, sample_ids: list[str]) -> dict[str, set[tuple[str, str]]]:
@@ -168,7 +118,7 @@ def _done_units(ctx, sample_ids: list[str]) -> dict[str, set[tuple[str, str]]]:
 
 
 def _target_rows(sid: str, out, targets, not_mentioned, missing: set[tuple[str, str]], methods: list[str],
-                 seconds: float, shard: int) -> list[dict[str, Any]]:
+                 seconds: float, shard: int, contrast_tokens: dict[tuple[int, int], str | None]) -> list[dict[str, Any]]:
     """relevancy/ rows of the `missing` (kind, method) units of one sample, in `methods` order."""
     rows = []
     spans = list(dict.fromkeys((t.token_start, t.token_end) for t in targets))
@@ -177,7 +127,8 @@ def _target_rows(sid: str, out, targets, not_mentioned, missing: set[tuple[str, 
         for t in targets:
             if (t.kind, method) not in missing:
                 continue
-            res = out.results[spans.index((t.token_start, t.token_end))]
+            span = (t.token_start, t.token_end)
+            res = out.results[spans.index(span)]
             mm = res.maps[method]
             rows.append({
                 **_base_row(sid, method, shard),
@@ -189,6 +140,9 @@ def _target_rows(sid: str, out, targets, not_mentioned, missing: set[tuple[str, 
                 "text_map": None if mm.text_map is None else mm.text_map.tolist(),
                 "target_score": res.score, "argmax_matches": out.argmax_matches,
                 "image_tokens_ok": out.image_tokens_ok, "seconds": seconds,
+                "score_kind": out.score_kind, "contrast_token": contrast_tokens.get(span),
+                "completeness_error": mm.extras.get("completeness_error"),
+                "conservation_error": mm.extras.get("conservation_error"),
             })
             covered.add(t.kind)
         for label in not_mentioned:
@@ -203,19 +157,68 @@ def _target_rows(sid: str, out, targets, not_mentioned, missing: set[tuple[str, 
     return rows
 
 
+def counterparts(tokenizer, seq: list[int], spans: list[tuple[int, int]], cfg) -> list[int | None]:
+    """Per span the contrast token id (`explain.score=contrast`, single-token spans whose word is
+    in `explain.contrast_pairs`), else None."""
+    from pipeline.relevancy import counterpart_id
+
+    if cfg.explain.score != "contrast":
+        return [None] * len(spans)
+    pairs = [tuple(p) for p in cfg.explain.contrast_pairs]
+    return [counterpart_id(tokenizer, seq[s], pairs) if e - s == 1 else None for s, e in spans]
+
+
+def check_score_kind(ctx, only, score: str) -> None:
+    """Refuse to add rows of `score` to a shard whose stored "ok" rows have another score kind."""
+    import pyarrow.dataset as ds
+
+    stored = ctx.view.read("relevancy", ["score_kind"], filter=ds.field("status") == "ok", foreign_filter=only)
+    kinds = set(stored["score_kind"].fillna("logit"))
+    if kinds - {score}:
+        raise ConfigError(f"explain.score={score}, but this shard's relevancy rows were explained with "
+                          f"{', '.join(sorted(kinds - {score}))}: one run holds one score. Use a new run_dir to "
+                          "compare scores (or the run's explain.score).")
+
+
+def _explain_sample(ctx, loaded, gen, sample, missing, methods, synonyms, inputs):
+    """relevancy/ rows of one sample's `missing` units (raises what explaining raised)."""
+    from pipeline.relevancy import SequenceInputs, Target, explain
+
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    todo_methods = [m for m in methods if any(mm == m for _, mm in missing)]
+    targets, not_mentioned = select_targets(loaded.tokenizer, gen, sample, {k for k, _ in missing}, synonyms)
+    spans = list(dict.fromkeys((t.token_start, t.token_end) for t in targets))
+    out, tokens = None, {}
+    if spans:
+        seq = list(gen["sequence_ids"])
+        counter = counterparts(loaded.tokenizer, seq, spans, cfg)
+        tokens = {sp: None if c is None else loaded.tokenizer.convert_ids_to_tokens(int(c))
+                  for sp, c in zip(spans, counter)}
+        e = cfg.explain
+        out = explain(
+            loaded.model, SequenceInputs.of(inputs(), prompt_length=int(gen["prompt_length"])),
+            [Target(s, t) for s, t in spans], todo_methods,
+            chunk_size=_chunk(cfg, loaded.model, max(t for _, t in spans)),
+            seed=sample_seed(e.seed, gen["sample_id"]), score=e.score, counterparts=counter,
+            occlusion_block=e.occlusion_block, occlusion_baseline=e.occlusion_baseline,
+            perturbation_batch_size=e.perturbation_batch_size, ig_steps=e.ig_steps, ig_baseline=e.ig_baseline,
+        )
+    seconds = (time.perf_counter() - t0) / max(len(spans), 1)
+    return _target_rows(gen["sample_id"], out, targets, not_mentioned, missing, todo_methods, seconds, ctx.shard,
+                        tokens)
+
+
 def run(ctx) -> dict[str, Any]:
     import pyarrow.dataset as ds
     import torch
 
     from pipeline.generation import model_inputs_for_sequence
-    from pipeline.relevancy import Target, explain_sequence
 
     cfg = ctx.cfg
     methods = list(dict.fromkeys(cfg.explain.methods))
     kinds = set(cfg.explain.targets)
-    faith_kinds = kinds & set(cfg.metrics.faithfulness_kinds)
     synonyms = finding_synonyms(cfg.prompts)
-    faithfulness = faithfulness_enabled(cfg)
     samples = shard_samples(ctx)
     ids = sorted(samples["sample_id"])
     only = ds.field("sample_id").isin(ids)
@@ -223,15 +226,6 @@ def run(ctx) -> dict[str, Any]:
     gens = gens[gens["sample_id"].isin(set(ids))].drop_duplicates("sample_id")
     done = _done_units(ctx, ids)
     failed = ctx.view.error_keys("explain", only) if not cfg.retry_errors else set()
-    faith_done: set[tuple] = set()
-    faith_failed: set[str] = set()
-    pending: dict[str, list] = {}
-    if faithfulness:
-        faith_done = ctx.view.keys("faithfulness", foreign_filter=only)
-        faith_failed = ctx.view.error_keys("faithfulness", only) if not cfg.retry_errors else set()
-        pending = _stored_pending(ctx, set(gens["sample_id"]), methods, faith_done, faith_failed)
-        pending = {sid: [p for p in pairs if _faithful_kind(p[0][1], faith_kinds)] for sid, pairs in pending.items()}
-        pending = {sid: pairs for sid, pairs in pending.items() if pairs}
     explorer = explorer_samples(gens, cfg.explain.explorer_samples)
 
     def missing_units(sid: str) -> set[tuple[str, str]]:
@@ -241,81 +235,33 @@ def run(ctx) -> dict[str, Any]:
         return {(k, m) for k in sample_kinds for m in methods} - done.get(sid, set())
 
     by_id = samples.set_index("sample_id", drop=False)
-    todo = [g for g in gens.sort_values("sample_id").to_dict("records")
-            if missing_units(g["sample_id"]) or g["sample_id"] in pending]
-    log.info("explain: %d generations in this shard, %d to do, methods=%s targets=%s faithfulness=%s",
-             len(gens), len(todo), methods, sorted(kinds), faithfulness)
+    todo = [g for g in gens.sort_values("sample_id").to_dict("records") if missing_units(g["sample_id"])]
+    log.info("explain: %d generations in this shard, %d to do, methods=%s targets=%s score=%s",
+             len(gens), len(todo), methods, sorted(kinds), cfg.explain.score)
     summary = {"samples": len(gens), "explained": 0, "rows": 0, "errors": 0}
-    if faithfulness:
-        summary |= {"faithfulness_rows": 0, "faithfulness_errors": 0, "faithfulness_seconds": 0.0}
     if not todo:
         return summary
+    check_score_kind(ctx, only, cfg.explain.score)
     loaded = get_model(ctx)
-    occlusion = {
-        "occlusion_block": cfg.explain.occlusion_block,
-        "occlusion_baseline": cfg.explain.occlusion_baseline,
-        "perturbation_batch_size": cfg.explain.perturbation_batch_size,
-    }
-    with ctx.writer("relevancy") as writer, ctx.writer("faithfulness") as faith_writer:
+    with ctx.writer("relevancy") as writer:
         for gen in ctx.progress(todo, total=len(todo), desc="explain"):
             sid = gen["sample_id"]
             sample = by_id.loc[sid].to_dict()
-            missing = missing_units(sid)
-            todo_methods = [m for m in methods if any(mm == m for _, mm in missing)]
-            cache: dict[str, Any] = {}
 
-            def inputs() -> dict[str, Any]:
-                if "inputs" not in cache:
-                    image = read_pil(sample["image_path"], cfg.dataset.max_pixels)
-                    cache["inputs"] = model_inputs_for_sequence(loaded, image, gen["sequence_ids"])
-                return cache["inputs"]
+            def inputs(sample=sample, gen=gen) -> dict[str, Any]:
+                image = read_pil(sample["image_path"], cfg.dataset.max_pixels)
+                return model_inputs_for_sequence(loaded, image, gen["sequence_ids"])
 
-            new_pairs: list = []
-            if missing:
-                t0 = time.perf_counter()
-                try:
-                    todo_kinds = {k for k, _ in missing}
-                    targets, not_mentioned = select_targets(loaded.tokenizer, gen, sample, todo_kinds, synonyms)
-                    spans = list(dict.fromkeys((t.token_start, t.token_end) for t in targets))
-                    out = None
-                    if spans:
-                        x = inputs()
-                        out = explain_sequence(
-                            loaded.model, x["input_ids"], x["pixel_values"], x["token_type_ids"],
-                            [Target(s, e) for s, e in spans], todo_methods, attention_mask=x["attention_mask"],
-                            prompt_length=int(gen["prompt_length"]), chunk_size=_chunk(cfg, loaded.model, max(e for _, e in spans)),
-                            seed=sample_seed(cfg.explain.seed, sid), **occlusion,
-                        )
-                except Exception as e:  # one sample failing (OOM, bad image) is an error row
-                    if isinstance(e, torch.cuda.OutOfMemoryError):
-                        torch.cuda.empty_cache()
-                    ctx.record_error("explain", sid, e, image_id=sample["image_id"])
-                    summary["errors"] += 1
-                else:
-                    seconds = (time.perf_counter() - t0) / max(len(spans), 1)
-                    rows = _target_rows(sid, out, targets, not_mentioned, missing, todo_methods, seconds, ctx.shard)
-                    for r in rows:
-                        key = tuple(r[k] for k in KEY)
-                        if r["status"] == "ok" and key not in faith_done and _faithful_kind(r["target_kind"], faith_kinds):
-                            new_pairs.append((key, r["token_end"], r["image_map"]))
-                    writer.add(rows)
-                    summary["rows"] += len(rows)
-                    summary["explained"] += 1
-
-            pairs = pending.get(sid, []) + new_pairs
-            if faithfulness and pairs and sid not in faith_failed:
-                t0 = time.perf_counter()
-                try:
-                    faith_rows = _faithfulness_rows(loaded, inputs(), pairs, cfg, sid, ctx.shard)
-                except Exception as e:  # never a crash: an errors/ row for this sample
-                    if isinstance(e, torch.cuda.OutOfMemoryError):
-                        torch.cuda.empty_cache()
-                    ctx.record_error("faithfulness", sid, e, image_id=sample["image_id"])
-                    summary["faithfulness_errors"] += 1
-                else:
-                    faith_writer.add(faith_rows)
-                    summary["faithfulness_rows"] += len(faith_rows)
-                    summary["faithfulness_seconds"] += time.perf_counter() - t0
+            try:
+                rows = _explain_sample(ctx, loaded, gen, sample, missing_units(sid), methods, synonyms, inputs)
+            except Exception as e:  # one sample failing (OOM, bad image) is an error row
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                ctx.record_error("explain", sid, e, image_id=sample["image_id"])
+                summary["errors"] += 1
+            else:
+                writer.add(rows)
+                summary["rows"] += len(rows)
+                summary["explained"] += 1
             writer.maybe_flush()
-            faith_writer.maybe_flush()
     return summary
