@@ -51,3 +51,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from pipeline.tiny_model import build_tiny_gemma3
 
     return build_tiny_gemma3(tmp_path_factory.mktemp("tiny_gemma3_session"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random Gemma 3 (4 layers, one global, sliding window 8) for engine and method tests."""
+    from tiny_gemma_config import make_tiny_gemma3
+
+    return make_tiny_gemma3(seed=0, num_layers=4, sliding_window=8)
+
+
+@pytest.fixture(scope="module")
+def x(model):
+    """One sequence of `model` (prefix, image, suffix, a 6-token greedy answer)."""
+    from tiny_gemma_config import make_tiny_inputs
+
+    return make_tiny_inputs(model, seed=1, prefix_len=3, suffix_len=4, answer_len=6, greedy_answer=True)

@@ -11,19 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_gemma_config import IMAGE_ID, make_tiny_gemma3, make_tiny_inputs  # noqa: E402
+from tiny_gemma_config import IMAGE_ID  # noqa: E402
 
 from pipeline.relevancy import SequenceInputs, Target, explain  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_tiny_gemma3(seed=0, num_layers=4, sliding_window=8)
-
-
-@pytest.fixture(scope="module")
-def x(model):
-    return make_tiny_inputs(model, seed=1, prefix_len=3, suffix_len=4, answer_len=6, greedy_answer=True)
 
 
 def _seq(x) -> SequenceInputs:

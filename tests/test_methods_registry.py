@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import REPO, compose  # noqa: E402
-from tiny_gemma_config import make_tiny_gemma3, make_tiny_inputs  # noqa: E402
+from tiny_gemma_config import make_tiny_inputs  # noqa: E402
 
 from pipeline import method_names  # noqa: E402
 from pipeline.config import ConfigError, validate  # noqa: E402
@@ -28,11 +28,6 @@ from pipeline.relevancy import (  # noqa: E402
     unregister_method,
 )
 from pipeline.relevancy.registry import NEEDS, methods_table  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_tiny_gemma3(seed=0, num_layers=4, sliding_window=8)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import REPO, run_pipeline  # noqa: E402
-from tiny_gemma_config import make_tiny_gemma3, make_tiny_inputs  # noqa: E402
 
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.relevancy import (  # noqa: E402
@@ -24,16 +23,6 @@ from pipeline.relevancy import (  # noqa: E402
     register_method,
     unregister_method,
 )
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_tiny_gemma3(seed=0, num_layers=4, sliding_window=8)
-
-
-@pytest.fixture(scope="module")
-def x(model):
-    return make_tiny_inputs(model, seed=1, prefix_len=3, suffix_len=4, answer_len=6, greedy_answer=True)
 
 
 @pytest.fixture

@@ -211,9 +211,6 @@ def _explain_sample(ctx, loaded, gen, sample, missing, methods, synonyms, inputs
 
 def run(ctx) -> dict[str, Any]:
     import pyarrow.dataset as ds
-    import torch
-
-    from pipeline.generation import model_inputs_for_sequence
 
     cfg = ctx.cfg
     methods = list(dict.fromkeys(cfg.explain.methods))
@@ -241,6 +238,10 @@ def run(ctx) -> dict[str, Any]:
     summary = {"samples": len(gens), "explained": 0, "rows": 0, "errors": 0}
     if not todo:
         return summary
+    import torch  # only with work to do: a finished shard's resume needs neither torch nor the model
+
+    from pipeline.generation import model_inputs_for_sequence
+
     check_score_kind(ctx, only, cfg.explain.score)
     loaded = get_model(ctx)
     with ctx.writer("relevancy") as writer:

@@ -71,9 +71,6 @@ def curve_rows(loaded, inputs, pairs: list, cfg, sample_id: str, shard: int) -> 
 
 def run(ctx) -> dict[str, Any]:
     import pyarrow.dataset as ds
-    import torch
-
-    from pipeline.generation import model_inputs_for_sequence
 
     cfg = ctx.cfg
     if not faithfulness_enabled(cfg):
@@ -90,6 +87,10 @@ def run(ctx) -> dict[str, Any]:
     log.info("faithfulness: %d samples with maps lacking curves, kinds=%s", len(pending), sorted(kinds))
     if not pending:
         return summary
+    import torch  # only with work to do
+
+    from pipeline.generation import model_inputs_for_sequence
+
     gens = ctx.view.read("generations", foreign_filter=only).drop_duplicates("sample_id").set_index("sample_id")
     by_id = samples.set_index("sample_id", drop=False)
     loaded = get_model(ctx)
