@@ -69,6 +69,16 @@ def get_model(ctx):
     return ctx.cache["model"]
 
 
+def record_sample_failure(ctx, stage: str, sample_id: str, image_id: str, exc: BaseException) -> None:
+    """One sample a model stage could not process: its errors/ row (after freeing the CUDA cache
+    when it ran out of GPU memory, so the next sample starts clean)."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+    ctx.record_error(stage, sample_id, exc, image_id=image_id)
+
+
 def read_pil(image_path: str, max_pixels: int):
     """The image as the model sees it: decoded robustly, 8-bit RGB."""
     from pipeline.images import read_image, to_rgb_pil

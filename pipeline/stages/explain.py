@@ -30,7 +30,7 @@ from typing import Any
 
 from pipeline.config import ConfigError
 from pipeline.prompts import finding_synonyms
-from pipeline.stages.common import get_model, read_pil, shard_samples
+from pipeline.stages.common import get_model, read_pil, record_sample_failure, shard_samples
 from pipeline.vocabulary import FINDINGS, label_column
 
 log = logging.getLogger(__name__)
@@ -238,9 +238,7 @@ def run(ctx) -> dict[str, Any]:
     summary = {"samples": len(gens), "explained": 0, "rows": 0, "errors": 0}
     if not todo:
         return summary
-    import torch  # only with work to do: a finished shard's resume needs neither torch nor the model
-
-    from pipeline.generation import model_inputs_for_sequence
+    from pipeline.generation import model_inputs_for_sequence  # torch: imported only with work to do
 
     check_score_kind(ctx, only, cfg.explain.score)
     loaded = get_model(ctx)
@@ -256,9 +254,7 @@ def run(ctx) -> dict[str, Any]:
             try:
                 rows = _explain_sample(ctx, loaded, gen, sample, missing_units(sid), methods, synonyms, inputs)
             except Exception as e:  # one sample failing (OOM, bad image) is an error row
-                if isinstance(e, torch.cuda.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                ctx.record_error("explain", sid, e, image_id=sample["image_id"])
+                record_sample_failure(ctx, "explain", sid, sample["image_id"], e)
                 summary["errors"] += 1
             else:
                 writer.add(rows)

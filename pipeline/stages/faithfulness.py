@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from pipeline.config import faithfulness_enabled
-from pipeline.stages.common import get_model, read_pil, shard_samples
+from pipeline.stages.common import get_model, read_pil, record_sample_failure, shard_samples
 from pipeline.stages.explain import KEY, sample_seed
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,7 @@ def run(ctx) -> dict[str, Any]:
     log.info("faithfulness: %d samples with maps lacking curves, kinds=%s", len(pending), sorted(kinds))
     if not pending:
         return summary
-    import torch  # only with work to do
-
-    from pipeline.generation import model_inputs_for_sequence
+    from pipeline.generation import model_inputs_for_sequence  # torch: imported only with work to do
 
     gens = ctx.view.read("generations", foreign_filter=only).drop_duplicates("sample_id").set_index("sample_id")
     by_id = samples.set_index("sample_id", drop=False)
@@ -103,9 +101,7 @@ def run(ctx) -> dict[str, Any]:
                 inputs = model_inputs_for_sequence(loaded, image, gens.loc[sid, "sequence_ids"])
                 rows = curve_rows(loaded, inputs, pending[sid], cfg, sid, ctx.shard)
             except Exception as e:  # never a crash: an errors/ row for this sample
-                if isinstance(e, torch.cuda.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-                ctx.record_error("faithfulness", sid, e, image_id=sample["image_id"])
+                record_sample_failure(ctx, "faithfulness", sid, sample["image_id"], e)
                 summary["errors"] += 1
             else:
                 writer.add(rows)
