@@ -27,9 +27,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+import pandas as pd
+
 from reports import sections as S
 from reports.data import EngineSettings, RunData, answer_token_samples, load_run
 from reports.document import Figure, Link, Note, Section, Table, to_html, to_markdown
+from reports.summary import diagnostics_section, summary_section
 
 log = logging.getLogger(__name__)
 
@@ -115,25 +118,41 @@ def _title(data: RunData) -> str:
 
 def _sections(data: RunData, opts: S.Options, generated: str, tmp: Path, failed: list[str],
               info: dict[str, Any]) -> list[Section]:
+    """The report's sections in reading order: the summary first (built last, from the detail
+    sections' per-method tables), the details, then counts, model card and run identity."""
     def _explorer() -> Section:
         sec, i = explorer_section(data, opts, tmp)
         info.update(i)
         return sec
 
-    return [
-        _safe("identity", lambda: S.identity_section(data, generated), failed),
-        *([_safe("model_validation", lambda: S.model_validation_section(data), failed)]
-          if data.model.get("validation") else []),
-        _safe("counts", lambda: S.counts_section(data), failed),
-        _safe("scores", lambda: S.scores_section(data, opts), failed),
+    results: dict[str, pd.DataFrame] = {}
+
+    def _with_table(name: str, fn: Callable[[], tuple[Section, pd.DataFrame]]) -> Callable[[], Section]:
+        def build() -> Section:
+            sec, results[name] = fn()
+            return sec
+        return build
+
+    details = [
         _safe("answers", lambda: S.answers_section(data, opts), failed),
-        _safe("localisation", lambda: S.localisation_section(data, opts)[0], failed),
-        _safe("faithfulness", lambda: S.faithfulness_section(data, opts), failed),
-        _safe("sensitivity", lambda: S.sensitivity_section(data, opts), failed),
+        _safe("localisation", _with_table("localisation", lambda: S.localisation_section(data, opts)), failed),
+        _safe("faithfulness", _with_table("faithfulness", lambda: S.faithfulness_section(data, opts)), failed),
+        _safe("diagnostics", _with_table("diagnostics", lambda: diagnostics_section(data, opts)), failed),
         _safe("laterality", lambda: S.laterality_section(data, opts), failed),
+        _safe("sensitivity", lambda: S.sensitivity_section(data, opts), failed),
+        _safe("scores", lambda: S.scores_section(data, opts), failed),
         _safe("gallery", lambda: S.gallery_section(data, opts), failed),
         _safe("explorer", _explorer, failed),
+        _safe("counts", lambda: S.counts_section(data), failed),
+        *([_safe("model_validation", lambda: S.model_validation_section(data), failed)]
+          if data.model.get("validation") else []),
+        _safe("identity", lambda: S.identity_section(data, generated), failed),
     ]
+    empty = pd.DataFrame()
+    summary = _safe("summary", lambda: summary_section(data, opts, results.get("localisation", empty),
+                                                        results.get("faithfulness", empty),
+                                                        results.get("diagnostics", empty)), failed)
+    return [summary, *details]
 
 
 def _write_files(sections: list[Section], tmp: Path) -> tuple[int, int]:

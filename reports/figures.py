@@ -34,7 +34,12 @@ SCORE_LABELS: dict[str, str] = {
     "basal_fraction": "basal fraction",
     "pointing_hit": "pointing hit",
     "box_mass_fraction": "mass in boxes",
-    "box_iou": "box IoU",
+    "box_iou": "mIoU (Otsu)",
+    "iou_top": "mIoU (top fraction)",
+    "cnr": "CNR",
+    "first_token_fraction": "first-token mass",
+    "corner_fraction": "corner mass",
+    "side_agrees": "mass on the stated side",
 }
 
 
@@ -162,19 +167,26 @@ def grouped_boxes(stats: pd.DataFrame, group: str, groups: Sequence[str], method
     return to_png(fig)
 
 
-def localisation_bars(table: pd.DataFrame, uniform: Mapping[str, float]) -> bytes | None:
-    """Pointing game and mass in boxes per method, 95% intervals as error bars, floors as lines.
+LOCALISATION_PANELS = (("pointing", "pointing game (hit rate)", 1.0), ("iou", "mIoU (Otsu)", 1.0),
+                       ("cnr", "CNR", None), ("mass", "mass in boxes", 1.0))
 
-    `table` has columns method, pointing, pointing_lo, pointing_hi, mass, mass_lo, mass_hi;
-    `uniform` maps 'pointing' / 'mass' to the uniform map's expected value (mean box area fraction).
+
+def localisation_bars(table: pd.DataFrame, uniform: Mapping[str, float]) -> bytes | None:
+    """Pointing game, mIoU, CNR and mass in boxes per method, 95% intervals as error bars, floors
+    as lines.
+
+    `table` has columns method and, for each panel key of :data:`LOCALISATION_PANELS` present,
+    KEY, KEY_lo, KEY_hi; `uniform` maps 'pointing' / 'mass' to the uniform map's expected value
+    (mean box area fraction).
     """
     if table.empty:
         return None
     methods = list(table["method"])
     colors = method_colors(methods)
-    fig = Figure(figsize=(max(7.0, 1.5 * len(methods) + 3), 3.8), dpi=DPI, layout="constrained")
-    for i, (key, title) in enumerate((("pointing", "pointing game (hit rate)"), ("mass", "mass in boxes"))):
-        ax = fig.add_subplot(1, 2, i + 1)
+    panels = [p for p in LOCALISATION_PANELS if p[0] in table.columns]
+    fig = Figure(figsize=(max(9.0, 1.1 * len(methods) * len(panels) + 2), 3.8), dpi=DPI, layout="constrained")
+    for i, (key, title, top) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
         y = table[key].to_numpy(dtype=float)
         lo = np.nan_to_num(y - table[f"{key}_lo"].to_numpy(dtype=float), nan=0.0)
         hi = np.nan_to_num(table[f"{key}_hi"].to_numpy(dtype=float) - y, nan=0.0)
@@ -184,10 +196,40 @@ def localisation_bars(table: pd.DataFrame, uniform: Mapping[str, float]) -> byte
         if u is not None and np.isfinite(u):
             ax.axhline(u, color="black", linestyle="--", linewidth=1, label=f"uniform map ({u:.3f})")
             ax.legend(fontsize=8, loc="upper right")
-        ax.set_xticks(range(len(methods)), methods, fontsize=8, rotation=30 if len(methods) > 4 else 0)
-        ax.set_ylim(0, 1)
+        ax.set_xticks(range(len(methods)), methods, fontsize=8, rotation=30 if len(methods) > 3 else 0)
+        if top is not None:
+            ax.set_ylim(0, top)
         ax.set_title(title, fontsize=11)
         ax.grid(axis="y", alpha=0.3)
+    return to_png(fig)
+
+
+def summary_dots(panels: Sequence[tuple[str, pd.DataFrame, float | None]], methods: Sequence[str]) -> bytes | None:
+    """The summary's one figure: per panel, each method's mean as a dot with its 95% interval.
+
+    `panels`: (title, frame with columns method, mean, lo, hi; floor value or None, drawn dashed).
+    Methods run top to bottom in `methods` order; a method missing from a panel is left blank.
+    """
+    panels = [p for p in panels if not p[1].empty]
+    if not panels or not methods:
+        return None
+    colors = method_colors(methods)
+    fig = Figure(figsize=(max(8.0, 2.9 * len(panels)), 0.45 * len(methods) + 1.6), dpi=DPI, layout="constrained")
+    ypos = {m: len(methods) - 1 - i for i, m in enumerate(methods)}
+    for i, (title, df, floor) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for r in df.itertuples():
+            if r.method not in ypos or not np.isfinite(r.mean):
+                continue
+            lo, hi = (r.mean - r.lo, r.hi - r.mean) if np.isfinite(r.lo) and np.isfinite(r.hi) else (0.0, 0.0)
+            ax.errorbar(r.mean, ypos[r.method], xerr=[[max(lo, 0.0)], [max(hi, 0.0)]], fmt="o",
+                        color=colors[r.method], capsize=3, markersize=6)
+        if floor is not None and np.isfinite(floor):
+            ax.axvline(floor, color="black", linestyle="--", linewidth=1)
+        ax.set_yticks(list(ypos.values()), list(ypos), fontsize=9) if i == 0 else ax.set_yticks([])
+        ax.set_ylim(-0.6, len(methods) - 0.4)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
     return to_png(fig)
 
 

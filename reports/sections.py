@@ -35,11 +35,13 @@ from reports import data as D
 from reports import figures as F
 from reports.data import RunData, num
 from reports.document import Figure, Note, Paragraph, Section, Table
+from reports.literature import literature_blocks
 from reports.stats import cluster_ratio_ci, fmt_ci, fmt_num, group_rng
 
 SCORES: tuple[str, ...] = ("inside_body_ratio", "border_fraction", "entropy_bits", "entropy_norm",
                            "patient_left_fraction", "apical_fraction", "middle_fraction", "basal_fraction",
-                           "pointing_hit", "box_mass_fraction", "box_iou")
+                           "pointing_hit", "box_mass_fraction", "box_iou", "iou_top", "cnr", "first_token_fraction",
+                           "corner_fraction", "side_agrees")
 PASS_COLUMNS: tuple[str, ...] = tuple(MAP_FLAGS)  # derived by metrics.quality.map_flags
 TARGET_KEY = ["sample_id", "target_kind", "target_label", "token_start"]
 KIND_ORDER = ("keywords", "laterality", "answer_token", "answer_span", "answer_tokens")
@@ -525,7 +527,9 @@ def answers_section(data: RunData, opts: Options) -> Section:
 # ---------------------------------------------------------------------------------------------
 # localisation
 
-LOC_VALUES = ("pointing_hit", "box_mass_fraction", "box_iou", "box_area_fraction")
+LOC_VALUES = ("pointing_hit", "box_mass_fraction", "box_iou", "iou_top", "cnr", "box_area_fraction")
+LOC_COLUMNS = (("pointing", "pointing_hit"), ("mass", "box_mass_fraction"), ("iou", "box_iou"), ("iou_top", "iou_top"),
+               ("cnr", "cnr"))  # localisation table column -> score
 
 
 def _boxed_rows(kinds: Sequence[str]) -> str:
@@ -535,19 +539,27 @@ def _boxed_rows(kinds: Sequence[str]) -> str:
 
 
 def _localisation_table(s: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
-    """One row per method: n, pointing / mass / iou with intervals, uniform_mass."""
+    """One row per method: n, pointing / mass / iou / iou_top / cnr with intervals (and their n),
+    uniform_mass."""
     rows = []
     for meth in methods:
         g = s[s["method"] == meth].set_index("score")
         if g.empty:
             continue
         row: dict[str, Any] = {"method": meth, "n": int(g.loc["pointing_hit", "n"])}
-        for name, score in (("pointing", "pointing_hit"), ("mass", "box_mass_fraction"), ("iou", "box_iou")):
+        for name, score in LOC_COLUMNS:
             row[name], row[f"{name}_lo"], row[f"{name}_hi"] = (g.loc[score, "mean"], g.loc[score, "ci_low"],
                                                                g.loc[score, "ci_high"])
+            row[f"{name}_n"] = int(g.loc[score, "n"])
         row["uniform_mass"] = g.loc["box_area_fraction", "mean"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _iou_top_fraction(data: RunData) -> object:
+    """The image share iou_top was binarised at (the scoring run's `metrics.iou_top_fraction`)."""
+    m = (data.config("score") or {}).get("metrics") or {}
+    return m.get("iou_top_fraction", "?")
 
 
 def localisation_section(data: RunData, opts: Options) -> tuple[Section, pd.DataFrame]:
@@ -566,26 +578,35 @@ def localisation_section(data: RunData, opts: Options) -> tuple[Section, pd.Data
     s = D.summarise(data, boxed, {"method": "method"}, values, opts.bootstrap, opts.seed + 1, medians=())
     methods = F.method_order(list(s["method"].unique()))
     t = _localisation_table(s, methods)
+    top = _iou_top_fraction(data)
     disp = pd.DataFrame({
         "method": [m_ + (" (floor)" if m_ == "random" else "") for m_ in t["method"]], "targets": t["n"],
         "pointing game": [fmt_ci(r.pointing, r.pointing_lo, r.pointing_hi) for r in t.itertuples()],
+        "mIoU (Otsu)": [fmt_ci(r.iou, r.iou_lo, r.iou_hi) for r in t.itertuples()],
+        f"mIoU (top {top})": [fmt_ci(r.iou_top, r.iou_top_lo, r.iou_top_hi) for r in t.itertuples()],
+        "CNR": [fmt_ci(r.cnr, r.cnr_lo, r.cnr_hi) for r in t.itertuples()],
         "mass in boxes": [fmt_ci(r.mass, r.mass_lo, r.mass_hi) for r in t.itertuples()],
-        "box IoU": [fmt_ci(r.iou, r.iou_lo, r.iou_hi) for r in t.itertuples()],
         "uniform map: expected mass": [fmt_num(v) for v in t["uniform_mass"]]})
-    disp.loc[len(disp)] = ["uniform map (expected)", int(floor["targets"]), f"≈ {fmt_num(uniform)}",
-                           fmt_num(uniform), "–", fmt_num(uniform)]
-    sec.add(Paragraph(f"Targets whose finding has boxes ({desc}). Pointing game = mean pointing_hit (the map's "
-                      "argmax cell centre inside a box); mass in boxes = mean box_mass_fraction; both with "
-                      "patient-level cluster bootstrap 95% intervals. The floors: the `random` method's values, and "
-                      "a uniform map, whose expected mass in the boxes (and, approximately, its hit rate) is the "
-                      "mean box area fraction."))
+    disp.loc[len(disp)] = ["uniform map (expected)", int(floor["targets"]), f"≈ {fmt_num(uniform)}", "–", "–",
+                           "– (undefined)", fmt_num(uniform), fmt_num(uniform)]
+    sec.add(Paragraph(f"Targets whose finding has boxes ({desc}), scored in pixel space: the map is placed on the "
+                      "image (each pixel takes its cell's value) and compared with the union of the finding's boxes. "
+                      "Pointing game = hit rate of the map's most representative point (its maximal cell's centre "
+                      "inside a box); mIoU = mean IoU of the binarised map with the boxes, binarised by Otsu's "
+                      f"threshold on the map's values (cheXlocalize, Saporta et al. 2022) or as the top cells covering "
+                      f"{top} of the image (`metrics.iou_top_fraction`); CNR = |mean inside − mean outside| / "
+                      "sqrt(var inside + var outside) of the map's pixel values (MS-CXR, Boecking et al. 2022); mass "
+                      "in boxes = mean box_mass_fraction. All with patient-level cluster bootstrap 95% intervals. "
+                      "The floors: the `random` method's values, and a uniform map, whose expected mass in the boxes "
+                      "(and, approximately, its hit rate) is the mean box area fraction; a uniform map has no CNR."))
     if "random" not in set(t["method"]):
         sec.add(Note("The `random` method was not run: only the uniform-map floor is shown."))
     sec.add(Table("localisation", disp, data=t, caption="Localisation per method"))
+    sec.add(*literature_blocks())
     png = F.localisation_bars(t, {"pointing": uniform, "mass": uniform})
     if png:
-        sec.add(Figure("localisation", png, "Pointing game and mass in boxes per method (95% intervals); dashed: "
-                                            "a uniform map's expectation."))
+        sec.add(Figure("localisation", png, "Pointing game, mIoU (Otsu), CNR and mass in boxes per method (95% "
+                                            "intervals); dashed: a uniform map's expectation."))
     per_f = long_stats(D.summarise(data, boxed, {"method": "method", "finding": "finding_group"}, values,
                                opts.bootstrap, opts.seed + 1))
     sec.add(Table("localisation_by_finding", _fmt_long(per_f), data=per_f, collapsed=True, max_rows=300,
@@ -614,10 +635,11 @@ def _auc_table(s: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def faithfulness_section(data: RunData, opts: Options) -> Section:
+def faithfulness_section(data: RunData, opts: Options) -> tuple[Section, pd.DataFrame]:
+    """The section and its AUC table (one row per method; see :func:`_auc_table`)."""
     sec = Section("faithfulness", "Faithfulness: deletion and insertion")
     if not data.has("faithfulness"):
-        return sec.add(missing_note(data, "faithfulness", "no deletion / insertion curves"))
+        return sec.add(missing_note(data, "faithfulness", "no deletion / insertion curves")), pd.DataFrame()
     src = D.faithfulness_rows()
     s = D.summarise(data, src, {"method": "method"}, AUC_VALUES, opts.bootstrap, opts.seed + 2, medians=())
     methods = F.method_order(list(s["method"].dropna().unique()))
@@ -651,7 +673,7 @@ def faithfulness_section(data: RunData, opts: Options) -> Section:
     ctab_df = pd.DataFrame(ctab)
     sec.add(Table("faithfulness_curves", _fmt_long(ctab_df), data=ctab_df, collapsed=True, max_rows=200,
                   caption="Mean curves (long format)"))
-    return sec
+    return sec, t
 
 
 # ---------------------------------------------------------------------------------------------
