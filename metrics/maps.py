@@ -17,9 +17,14 @@ Definitions (m = the raw map, non-negative, not normalised; M = sum of m; each f
   log2(gh*gw) (NaN for a single cell).
 - patient_left_fraction = mass on the patient's left / M, for frontal views only (`FRONTAL_VIEWS`,
   case and spacing ignored). Radiographs are displayed with the patient's left on the image's
-  RIGHT (PA and AP alike), so it is the mass right of x = W/2, a cell straddling that line split
-  by area (for odd gw the middle column counts half). NaN for lateral, other or unknown views.
-  (A patient lying off-centre shifts it: the split is about the image, not the patient.)
+  RIGHT (PA and AP alike), so it is the mass right of the patient's midline: per pixel row y,
+  right of x = midline_x[y] (`metrics.midline.patient_midline`, the mediastinum / spine line,
+  given to `MapScorer` as one split position per row), each cell split by the exact area of its
+  overlap with that region. Without a midline the split is the image's centre column x = W/2.
+  NaN for lateral, other or unknown views.
+- patient_left_fraction_centre = the same split at x = W/2, the image's centre column (for
+  odd gw the middle column counts half): the value of a scorer given no midline, and the one to
+  compare with tools that split the image in halves. A patient lying off-centre shifts it.
 - apical / middle / basal_fraction: the mass in the top / middle / bottom third of the body's
   vertical extent (rows y0 = first to y1 = last + 1 holding body pixels, thirds of equal height
   (y1 - y0) / 3), cells split by the area of their overlap with each third, each as a fraction of
@@ -65,7 +70,7 @@ __all__ = ["FRONTAL_VIEWS", "SCORE_KEYS", "MapScorer", "boxes_to_mask", "cell_co
 FRONTAL_VIEWS = frozenset({"PA", "AP", "AP AXIAL", "AP LLD", "AP RLD", "PA LLD", "PA RLD", "FRONTAL"})
 
 SCORE_KEYS = ("mass", "inside_body_ratio", "border_fraction", "entropy_bits", "entropy_norm", "patient_left_fraction",
-              "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit",
+              "patient_left_fraction_centre", "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit",
               "box_mass_fraction", "box_area_fraction", "box_iou", "iou_top", "cnr", "first_token_fraction",
               "corner_fraction", "body_area_fraction")
 
@@ -73,7 +78,7 @@ Box = Sequence[float]  # x, y, w, h in pixels
 
 _NAN = math.nan
 _MASS_KEYS = ("inside_body_ratio", "border_fraction", "entropy_bits", "entropy_norm", "patient_left_fraction",
-              "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit",
+              "patient_left_fraction_centre", "apical_fraction", "middle_fraction", "basal_fraction", "pointing_hit",
               "box_mass_fraction", "box_iou", "iou_top", "cnr", "first_token_fraction", "corner_fraction")
 
 
@@ -197,25 +202,43 @@ def _cnr(m: np.ndarray, n_in: np.ndarray, n_out: np.ndarray) -> float:
 
 
 # rows of the stacked weight matrix of a _Geometry
-_INSIDE, _BORDER, _LEFT, _APICAL, _MIDDLE, _BASAL, _BOX, _FIRST, _CORNERS = range(9)
+_INSIDE, _BORDER, _LEFT, _APICAL, _MIDDLE, _BASAL, _BOX, _FIRST, _CORNERS, _LEFT_CENTRE = range(10)
+
+
+def left_of_split_coverage(split_x: np.ndarray, gh: int, gw: int, w: int) -> np.ndarray:
+    """(gh, gw) fraction of each cell's area right of a per-row split (the patient's left).
+
+    `split_x`: length-H positions in pixels; row y ([y, y+1)) is split at x = split_x[y] (clipped
+    to [0, W]). Exact: the right part of row y overlaps cell column j by
+    clip(hi_j - max(lo_j, split_x[y]), 0, hi_j - lo_j), and the rows' overlap with cell row i
+    weights it (the module's geometry)."""
+    xs = np.clip(np.asarray(split_x, dtype=np.float64), 0.0, float(w))
+    h = xs.size
+    edges = np.arange(gw + 1) * (w / gw)
+    lo, hi = edges[:-1][None, :], edges[1:][None, :]
+    right = np.clip(hi - np.maximum(lo, xs[:, None]), 0.0, None)  # (H, gw) lengths in pixels
+    return (overlap_matrix(gh, h) @ right) / ((h / gh) * (w / gw))
 
 
 class _Geometry:
     """Per grid shape: everything about the image that scoring a map needs, precomputed. The
     linear scores are rows of one (7, gh*gw) weight matrix, so scoring is one matrix-vector
-    product: body coverage, outer ring, share right of x = W/2, share in each third of the
-    body's extent, box coverage."""
+    product: body coverage, outer ring, share right of the midline and of x = W/2, share in each
+    third of the body's extent, box coverage, first token, corners."""
 
-    def __init__(self, body: np.ndarray, gh: int, gw: int, boxes: list[tuple[float, float, float, float]] | None):
+    def __init__(self, body: np.ndarray, gh: int, gw: int, boxes: list[tuple[float, float, float, float]] | None,
+                 midline_x: np.ndarray | None = None):
         h, w = body.shape
         cy, cx = overlap_matrix(gh, h), overlap_matrix(gw, w)
-        weights = np.zeros((9, gh * gw))
+        weights = np.zeros((10, gh * gw))
         weights[_INSIDE] = _coverage(body, cy, cx).ravel()
         ring = np.ones((gh, gw))
         ring[1:-1, 1:-1] = 0.0
         weights[_BORDER] = ring.ravel()
         right = overlap_matrix(gw, w, lo=w / 2).sum(axis=1) / (w / gw)  # the patient's left
-        weights[_LEFT] = np.tile(right, gh)
+        weights[_LEFT_CENTRE] = np.tile(right, gh)
+        weights[_LEFT] = (weights[_LEFT_CENTRE] if midline_x is None
+                          else left_of_split_coverage(midline_x, gh, gw, w).ravel())
         weights[_FIRST, 0] = 1.0
         corners = np.zeros((gh, gw))
         corners[[0, 0, -1, -1], [0, -1, 0, -1]] = 1.0
@@ -275,11 +298,13 @@ class MapScorer:
 
     `body_mask`: H x W bool (the original image's size); `view_position`: e.g. "PA", "AP",
     "LATERAL" or None; `boxes`: (x, y, w, h) in original-image pixels, or None / [] for none;
-    `top_fraction`: the image share binarised for `iou_top` (0 < f <= 1).
+    `top_fraction`: the image share binarised for `iou_top` (0 < f <= 1); `midline_x`: the
+    patient's midline as one x position (pixels) per image row (length H; `Midline.per_row`), or
+    None to split laterality at the image's centre column.
     """
 
     def __init__(self, body_mask: np.ndarray, view_position: str | None, boxes: Sequence[Box] | None = None,
-                 top_fraction: float = 0.1):
+                 top_fraction: float = 0.1, midline_x: np.ndarray | None = None):
         if not 0 < top_fraction <= 1:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
         self.top_fraction = float(top_fraction)
@@ -290,12 +315,18 @@ class MapScorer:
         self.frontal = is_frontal(view_position)
         self.boxes = _check_boxes(boxes) if boxes is not None and len(boxes) > 0 else None
         self.body_area_fraction = float(self.body.mean())
+        self.midline_x = None
+        if midline_x is not None:
+            self.midline_x = np.asarray(midline_x, dtype=np.float64)
+            if self.midline_x.shape != (self.body.shape[0],) or not np.isfinite(self.midline_x).all():
+                raise ValueError(f"midline_x must be {self.body.shape[0]} finite x positions (one per row), "
+                                 f"got shape {self.midline_x.shape}")
         self._geometry: dict[tuple[int, int], _Geometry] = {}
 
     def _geo(self, gh: int, gw: int) -> _Geometry:
         geo = self._geometry.get((gh, gw))
         if geo is None:
-            geo = self._geometry[(gh, gw)] = _Geometry(self.body, gh, gw, self.boxes)
+            geo = self._geometry[(gh, gw)] = _Geometry(self.body, gh, gw, self.boxes, self.midline_x)
         return geo
 
     @staticmethod
@@ -346,6 +377,7 @@ class MapScorer:
             "entropy_bits": entropy,
             "entropy_norm": entropy / geo.log2_cells,
             "patient_left_fraction": float(v[_LEFT]) if self.frontal else _NAN,
+            "patient_left_fraction_centre": float(v[_LEFT_CENTRE]) if self.frontal else _NAN,
             "apical_fraction": thirds[0],
             "middle_fraction": thirds[1],
             "basal_fraction": thirds[2],
@@ -387,6 +419,7 @@ class MapScorer:
             "entropy_bits": entropy,
             "entropy_norm": entropy / geo.log2_cells,
             "patient_left_fraction": v[:, _LEFT] if self.frontal else nan.copy(),
+            "patient_left_fraction_centre": v[:, _LEFT_CENTRE] if self.frontal else nan.copy(),
             "apical_fraction": thirds[:, 0],
             "middle_fraction": thirds[:, 1],
             "basal_fraction": thirds[:, 2],
@@ -419,10 +452,12 @@ class MapScorer:
 
 
 def score_map(grid: np.ndarray, body_mask: np.ndarray, view_position: str | None,
-              boxes: Sequence[Box] | None = None, top_fraction: float = 0.1) -> dict[str, float]:
+              boxes: Sequence[Box] | None = None, top_fraction: float = 0.1,
+              midline_x: np.ndarray | None = None) -> dict[str, float]:
     """Every score of one map on its image (dict keyed by `SCORE_KEYS`; definitions and
     conventions in the module docstring). `grid`: gh x gw non-negative raw map; `body_mask`: H x W
     bool of the original image; `view_position`: "PA", "AP", ... or None; `boxes`: (x, y, w, h)
-    in original-image pixels. For many maps on one image build a `MapScorer` once and call
+    in original-image pixels; `midline_x`: the patient's midline, one x per row (None: the
+    image's centre column). For many maps on one image build a `MapScorer` once and call
     `.score(grid)` or `.score_many(grids)`."""
-    return MapScorer(body_mask, view_position, boxes, top_fraction).score(grid)
+    return MapScorer(body_mask, view_position, boxes, top_fraction, midline_x).score(grid)

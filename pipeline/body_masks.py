@@ -6,6 +6,12 @@ run for its mask and no per-image file is written (a 250,000-image run would oth
 A mask is stored as ``numpy.packbits`` of the boolean array (row-major, zstd-compressed in the
 Parquet file) with its height and width; an image whose mask cannot be computed (e.g. a constant
 image: no body to find) gets a row with the reason in ``error``.
+
+The same row holds the patient's midline (`metrics.patient_midline`: x(y) = midline_x0 +
+midline_slope * (y - height / 2), pixels), which laterality splits at. ``midline_source`` is
+"image" when the line was found on the image, "image_centre" when it was not (the image's centre
+column, with ``midline_reason``): recorded, never a silent guess. Rows written before midlines
+were stored have none; the score stage computes them again from the image.
 """
 from __future__ import annotations
 
@@ -21,11 +27,22 @@ def mask_row(image_id: str, digest: str, pixels: np.ndarray, shard: int) -> dict
 
     h, w = int(pixels.shape[0]), int(pixels.shape[1])
     row = {"image_id": image_id, "image_sha256": digest, "height": h, "width": w, "mask": None, "error": None,
+           "midline_x0": None, "midline_slope": None, "midline_source": None, "midline_reason": None,
            "shard": shard}
     try:
-        row["mask"] = np.packbits(metrics.body_mask(pixels).astype(bool), axis=None).tobytes()
+        mask, inverted = metrics.body_mask_and_polarity(pixels)
     except Exception as e:  # recorded; score turns it into errors/ rows of the image's samples
         row["error"] = f"{type(e).__name__}: {e}"
+        return row
+    row["mask"] = np.packbits(mask.astype(bool), axis=None).tobytes()
+    try:
+        grey = metrics.to_grey01(pixels)
+        line = metrics.patient_midline(1.0 - grey if inverted else grey, mask)
+        row.update(midline_x0=float(line.x0), midline_slope=float(line.slope), midline_source=line.source,
+                   midline_reason=line.reason or None)
+    except Exception as e:  # no line: the image's centre column, with the reason
+        row.update(midline_x0=w / 2, midline_slope=0.0, midline_source="image_centre",
+                   midline_reason=f"{type(e).__name__}: {e}")
     return row
 
 
@@ -38,28 +55,50 @@ def decode(row: dict[str, Any]) -> np.ndarray:
     return bits.reshape(h, w).astype(bool)
 
 
+def midline_split(row: dict[str, Any]) -> np.ndarray:
+    """The patient's midline of a body_masks/ row as one x position (pixels) per image row, at the
+    rows' centres (`metrics.MapScorer`'s `midline_x`)."""
+    h = int(row["height"])
+    y = np.arange(h, dtype=np.float64) + 0.5
+    return float(row["midline_x0"]) + float(row["midline_slope"]) * (y - h / 2)
+
+
+def _complete(row: dict[str, Any] | None) -> bool:
+    """A stored row usable as it is: an error, or a mask with its midline."""
+    if row is None:
+        return False
+    return row.get("mask") is None or row.get("midline_source") is not None
+
+
 class ShardBodyMasks:
-    """This shard's body masks: read from body_masks/ per image, computed (and stored) for images
-    that have none (runs loaded before masks were stored, or whose load predates this table)."""
+    """This shard's body masks and midlines: read from body_masks/ per image, computed (and
+    stored) for images that have none (runs loaded before masks or midlines were stored)."""
 
     def __init__(self, view, image_ids: list[str], max_pixels: int):
         self.view = view
         self.max_pixels = max_pixels
         only = ds.field("image_id").isin(sorted(set(image_ids)))
-        df = view.read("body_masks", filter=only, foreign_filter=only).drop_duplicates("image_id")
-        self.rows = {r["image_id"]: r for r in df.to_dict("records")}
+        df = view.read("body_masks", filter=only, foreign_filter=only)
+        self.rows: dict[str, dict[str, Any]] = {}
+        for r in df.to_dict("records"):  # a complete row (with its midline) wins over an older one
+            if not _complete(self.rows.get(r["image_id"])):
+                self.rows[r["image_id"]] = r
         self.new_rows: list[dict[str, Any]] = []
 
     def get(self, image_id: str, image_path: str, digest: str) -> np.ndarray:
         """The mask of one image (ValueError when the image has none)."""
-        if image_id not in self.rows:
+        return decode(self.row(image_id, image_path, digest))
+
+    def row(self, image_id: str, image_path: str, digest: str) -> dict[str, Any]:
+        """The body_masks/ row of one image (computed from the image when none is stored)."""
+        if not _complete(self.rows.get(image_id)):
             from pipeline.images import read_image
 
             pixels = read_image(image_path, max_pixels=self.max_pixels).pixels
             row = mask_row(image_id, digest, pixels, self.view.shard)
             self.rows[image_id] = row
             self.new_rows.append(row)
-        return decode(self.rows[image_id])
+        return self.rows[image_id]
 
     def save(self) -> None:
         """Store the masks computed here (one part file)."""

@@ -118,7 +118,8 @@ METRICS = pa.schema(
         ("border_fraction", pa.float32()),  # mass in the outer ring of cells / mass
         ("entropy_bits", pa.float32()),  # Shannon entropy of the normalised map, bits
         ("entropy_norm", pa.float32()),  # entropy_bits / log2(cells)
-        ("patient_left_fraction", pa.float32()),  # mass on the patient's left (image right); NaN: not frontal
+        ("patient_left_fraction", pa.float32()),  # mass on the patient's left of the patient's midline; NaN: not frontal
+        ("patient_left_fraction_centre", pa.float32()),  # the same split at the image's centre column
         ("apical_fraction", pa.float32()),  # thirds of the body's vertical extent
         ("middle_fraction", pa.float32()),
         ("basal_fraction", pa.float32()),
@@ -199,6 +200,10 @@ BODY_MASKS = pa.schema(
         ("width", pa.int32()),
         ("mask", pa.binary()),  # numpy.packbits of the boolean body mask, row-major (null on error)
         ("error", pa.string()),  # why no mask could be computed (e.g. a constant image), else null
+        ("midline_x0", pa.float64()),  # the patient's midline x(y) = x0 + slope * (y - height / 2), pixels
+        ("midline_slope", pa.float64()),  # dx / dy
+        ("midline_source", pa.string()),  # "image" (found) or "image_centre" (not found: see midline_reason)
+        ("midline_reason", pa.string()),  # why the image's centre column is used, else null
         ("shard", pa.int32()),
     ]
 )

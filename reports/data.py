@@ -51,7 +51,8 @@ from reports.stats import CurveMean, summarise_groups
 log = logging.getLogger(__name__)
 
 MAP_COLUMNS = ("image_map", "text_map")
-TABLE_NAMES = ("samples", "generations", "relevancy", "metrics", "sensitivity", "answers", "faithfulness", "errors")
+TABLE_NAMES = ("samples", "generations", "relevancy", "metrics", "sensitivity", "answers", "faithfulness", "errors",
+               "body_masks")
 FLAG_COLUMNS = frozenset(MAP_FLAGS) | frozenset(PAIR_FLAGS)
 TARGET_KEY = ("sample_id", "target_kind", "target_label", "token_start")
 

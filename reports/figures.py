@@ -29,6 +29,7 @@ SCORE_LABELS: dict[str, str] = {
     "entropy_bits": "entropy (bits)",
     "entropy_norm": "entropy / log2(cells)",
     "patient_left_fraction": "patient-left fraction",
+    "patient_left_fraction_centre": "patient-left fraction (image centre split)",
     "apical_fraction": "apical fraction",
     "middle_fraction": "middle fraction",
     "basal_fraction": "basal fraction",

@@ -39,8 +39,8 @@ from reports.literature import literature_blocks
 from reports.stats import cluster_ratio_ci, fmt_ci, fmt_num, group_rng
 
 SCORES: tuple[str, ...] = ("inside_body_ratio", "border_fraction", "entropy_bits", "entropy_norm",
-                           "patient_left_fraction", "apical_fraction", "middle_fraction", "basal_fraction",
-                           "pointing_hit", "box_mass_fraction", "box_iou", "iou_top", "cnr", "first_token_fraction",
+                           "patient_left_fraction", "patient_left_fraction_centre", "apical_fraction",
+                           "middle_fraction", "basal_fraction", "pointing_hit", "box_mass_fraction", "box_iou", "iou_top", "cnr", "first_token_fraction",
                            "corner_fraction", "side_agrees")
 PASS_COLUMNS: tuple[str, ...] = tuple(MAP_FLAGS)  # derived by metrics.quality.map_flags
 TARGET_KEY = ["sample_id", "target_kind", "target_label", "token_start"]
@@ -782,6 +782,20 @@ def sensitivity_section(data: RunData, opts: Options) -> Section:
 SIDE_SQL = "(CASE WHEN finding_side IS NOT NULL AND finding_side <> '' THEN finding_side ELSE '(unknown)' END)"
 
 
+def _midline_blocks(data: RunData) -> list:
+    """Where the patient's midline came from, per image (body_masks/): found on the image, or the
+    image's centre column with the reason."""
+    if not data.has("body_masks"):
+        return [Note("No body_masks/ table: where each image's midline came from is not known here.")]
+    t = data.sql("SELECT coalesce(midline_source, '(none stored)') AS source, count(DISTINCT image_id) AS images, "
+                 "min(midline_reason) AS example_reason FROM body_masks WHERE error IS NULL GROUP BY ALL ORDER BY 1")
+    n = int(t["images"].sum())
+    found = int(t.loc[t["source"] == "image", "images"].sum())
+    text = (f"The patient's midline was found on {found} of {n} images; on the others laterality splits at the "
+            "image's centre column (the reason is recorded per image in body_masks/, `midline_reason`).")
+    return [Paragraph(text), Table("midline_sources", t, caption="Midline source per image")]
+
+
 def laterality_section(data: RunData, opts: Options) -> Section:
     sec = Section("laterality", "Laterality")
     if not data.has("metrics"):
@@ -790,8 +804,13 @@ def laterality_section(data: RunData, opts: Options) -> Section:
     lat = (f"SELECT *, {SIDE_SQL} AS side FROM ({D.metrics_rows(prim)}) AS l "
            "WHERE isfinite(CAST(patient_left_fraction AS DOUBLE))")
     values = {"patient_left_fraction": num("patient_left_fraction")}
-    s = long_stats(D.summarise(data, lat, {"side": "side", "method": "method"}, values, opts.bootstrap,
-                           opts.seed + 4)).drop(columns="score")
+    both = long_stats(D.summarise(data, lat, {"side": "side", "method": "method"},
+                                  {**values, "centre": num("patient_left_fraction_centre")}, opts.bootstrap,
+                                  opts.seed + 4))
+    s = both[both["score"] == "patient_left_fraction"].drop(columns="score")
+    centre = (both[both["score"] == "centre"].set_index(["side", "method"])[["mean", "ci_low", "ci_high"]]
+              .add_prefix("centre_"))
+    s = s.merge(centre, left_on=["side", "method"], right_index=True, how="left")
     if s.empty:
         return sec.add(Note("No frontal-view target has a patient_left_fraction: no laterality summary."))
     methods = F.method_order(list(s["method"].unique()))
@@ -801,12 +820,18 @@ def laterality_section(data: RunData, opts: Options) -> Section:
     s["side"] = s["side"].astype(str)
     disp = pd.DataFrame({"finding side": s["side"], "method": s["method"], "targets": s["n"],
                          "patient-left fraction [95%]": [fmt_ci(r.mean, r.ci_low, r.ci_high) for r in s.itertuples()],
-                         "median": s["median"].map(fmt_num)})
+                         "median": s["median"].map(fmt_num),
+                         "split at the image centre [95%]": [fmt_ci(r.centre_mean, r.centre_ci_low, r.centre_ci_high)
+                                                             for r in s.itertuples()]})
     sec.add(Paragraph(f"Share of the map's mass on the patient's left (the image's right) for frontal views ({desc}), "
-                      "by the known side of the finding's boxes. A map that follows the finding has a high value for "
-                      "left-sided findings and a low one for right-sided findings; 0.5 is balanced. Unknown side: "
-                      "no boxes for the target's finding. Intervals: patient-level cluster bootstrap 95%."))
+                      "by the known side of the finding's boxes. The split is the patient's midline (the mediastinum "
+                      "line found on each image; `patient_left_fraction`); the last column splits at the image's "
+                      "centre column instead (`patient_left_fraction_centre`), which a patient lying off-centre "
+                      "shifts. A map that follows the finding has a high value for left-sided findings and a low "
+                      "one for right-sided findings; 0.5 is balanced. Unknown side: no boxes for the target's "
+                      "finding. Intervals: patient-level cluster bootstrap 95%."))
     sec.add(Table("laterality", disp, data=s, caption="patient_left_fraction by the finding's side"))
+    sec.add(*_midline_blocks(data))
     box = D.box_stats(data, D.project(lat, {"side": "side", "method": "method"}, values), ["side", "method"],
                       ["patient_left_fraction"])
     png = F.grouped_boxes(box, "side", sides, methods, hline=0.5,

@@ -326,3 +326,43 @@ def test_cnr_and_sink_diagnostics_by_hand():
     assert math.isnan(metrics.score_map(grid, body, "PA")["cnr"])  # no boxes
     with pytest.raises(ValueError, match="top_fraction"):
         metrics.MapScorer(body, "PA", top_fraction=0.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_laterality_about_a_midline_matches_brute_force(seed):
+    """patient_left_fraction splits each row at its own midline x (exact areas); the centre
+    column value stays in patient_left_fraction_centre."""
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(9, 40)), int(rng.integers(9, 40))
+    gh, gw = int(rng.integers(2, 9)), int(rng.integers(2, 9))
+    grid = rng.random((gh, gw)) ** 2
+    split = rng.uniform(0.2 * w, 0.8 * w) + rng.uniform(-0.2, 0.2) * (np.arange(h) + 0.5 - h / 2)
+    got = metrics.score_map(grid, np.ones((h, w), bool), "PA", midline_x=split)
+    ss = 40  # supersampled columns: the cell mass spread uniformly, each row split at its x
+    xs = (np.arange(w * ss) + 0.5) / ss
+    cy = overlap_matrix(gh, h)  # (gh, h): each pixel row's overlap with each cell row
+    cj = np.minimum((xs * gw / w).astype(int), gw - 1)
+    dens = grid / grid.sum() / ((h / gh) * (w / gw))  # mass per unit area in each cell
+    right = xs[None, :] >= split[:, None]  # (h, w*ss)
+    mass = (cy.T @ dens)[:, cj] / ss  # (h, w*ss): mass of each sub-pixel
+    assert got["patient_left_fraction"] == pytest.approx(mass[right].sum(), abs=2e-3)
+    assert got["patient_left_fraction_centre"] == pytest.approx(
+        metrics.score_map(grid, np.ones((h, w), bool), "PA")["patient_left_fraction"], abs=1e-12)
+
+
+def test_midline_split_off_centre_patient():
+    """A patient lying right of the frame's centre: the centre split calls part of the right lung
+    "patient left"; the midline split does not."""
+    h, w = 64, 100
+    body = np.ones((h, w), bool)
+    grid = np.zeros((8, 10))
+    grid[2:6, 3:6] = 1.0  # the patient's right lung: x in [30, 60), left of the midline at x = 62
+    s = metrics.score_map(grid, body, "PA", midline_x=np.full(h, 62.0))
+    assert s["patient_left_fraction"] == 0.0
+    assert s["patient_left_fraction_centre"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="midline_x"):
+        metrics.MapScorer(body, "PA", midline_x=np.full(h - 1, 50.0))
+    lateral = metrics.score_map(grid, body, "LATERAL", midline_x=np.full(h, 62.0))
+    assert math.isnan(lateral["patient_left_fraction"]) and math.isnan(lateral["patient_left_fraction_centre"])
+    many = metrics.MapScorer(body, "PA", midline_x=np.full(h, 62.0)).score_many(grid[None])
+    assert many["patient_left_fraction"][0] == 0.0 and many["patient_left_fraction_centre"][0] == pytest.approx(1 / 3)

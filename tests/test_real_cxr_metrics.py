@@ -21,9 +21,15 @@ from conftest import DATA, SHARED
 # Measured: left-lung inside_body_ratio 0.934, lung pixels inside the body 0.971.
 ANNOTATION_PAST_FILM = {"4c0fcf57"}
 # Hannover b39f5cf9: the patient lies about 50 px right of the frame's centre (the gap between the
-# lung masks is at x = 371 of 640), so part of the right lung is on the image's right half.
-# Laterality is measured about the image's vertical midline (see metrics.maps): 0.133 here.
+# lung masks is at x = 371 of 640), so part of the right lung is on the image's right half: split
+# at the image's centre column (patient_left_fraction_centre) it reads 0.133 "patient left"; split
+# at the patient's midline (patient_left_fraction) it reads ~0.
 PATIENT_OFF_CENTRE = {"b39f5cf9": 0.15}
+# Films whose lung annotation lies beside the lungs (the exposed film is rotated in the frame and
+# the masks were mapped back from square crops): measured offsets in tests/test_midline.py. On
+# 4c0fcf57 the right-lung mask as given covers the mediastinum and spine, so a correct midline
+# puts part of it on the patient's left.
+from test_midline import AS_GIVEN_FAILS  # noqa: E402
 
 
 def _hannover_root():
@@ -53,13 +59,18 @@ def _hannover(image_id: str):
 @pytest.mark.parametrize("image_id", _hannover_ids())
 def test_hannover_laterality_inside_body_and_lung_coverage(image_id):
     img, lr, view = _hannover(image_id)
-    body = metrics.body_mask(img)
-    assert body.shape == img.shape[:2]
+    body, inverted = metrics.body_mask_and_polarity(img)
+    assert body.shape == img.shape[:2] and not inverted
+    line = metrics.patient_midline(metrics.to_grey01(img), body)
+    assert line.source == "image", line.reason
     # maps that are the lung masks area-averaged onto a 16 x 16 grid
-    left = metrics.score_map(metrics.cell_coverage(lr == 2, 16, 16), body, view)  # the patient's left lung
-    right = metrics.score_map(metrics.cell_coverage(lr == 1, 16, 16), body, view)
+    left = metrics.score_map(metrics.cell_coverage(lr == 2, 16, 16), body, view, midline_x=line.per_row())
+    right = metrics.score_map(metrics.cell_coverage(lr == 1, 16, 16), body, view, midline_x=line.per_row())
     assert left["patient_left_fraction"] >= 0.95
-    assert right["patient_left_fraction"] <= PATIENT_OFF_CENTRE.get(image_id, 0.05)
+    if image_id not in AS_GIVEN_FAILS:
+        assert right["patient_left_fraction"] <= 0.05
+    assert left["patient_left_fraction_centre"] >= 0.95
+    assert right["patient_left_fraction_centre"] <= PATIENT_OFF_CENTRE.get(image_id, 0.05)
     inside = 0.9 if image_id in ANNOTATION_PAST_FILM else 0.95
     assert left["inside_body_ratio"] >= inside and right["inside_body_ratio"] >= inside
     lungs = lr > 0
@@ -110,7 +121,8 @@ def test_nih_body_excludes_padding_and_dark_corners(path):
 
 def test_inverted_films_are_mostly_detected():
     """Auto-detection of inverted films (`tissue_is_dark`) is conservative: it never flips a
-    display film above, and finds most inverted ones (measured 69 of the 98 full-set films)."""
+    display film above, and finds nearly all inverted ones (measured 96 of the 98 full-set films:
+    all but Hannover b39f5cf9 and NIH 00001511_000; 6 of the 6 small copies)."""
     films = [np.asarray(Image.open(p)) for p in _nih_images()]
     films += [_hannover(i)[0] for i in _hannover_ids()]
     found = 0
@@ -120,4 +132,4 @@ def test_inverted_films_are_mostly_detected():
         small = cv2.resize(g, (round(g.shape[1] * scale), round(g.shape[0] * scale)), interpolation=cv2.INTER_AREA)
         assert not metrics.tissue_is_dark(small)
         found += metrics.tissue_is_dark(1.0 - small)
-    assert found >= 0.6 * len(films) or len(films) < 20
+    assert found >= 0.95 * len(films)

@@ -39,14 +39,21 @@ def test_metrics_rows_match_relevancy_and_recompute(run_dir):
     masks = RunStore(run_dir).table("body_masks").read()  # written by load, one per image
     assert sorted(masks["image_id"]) == sorted(samples["image_id"].unique()) and masks["error"].isna().all()
     assert not (run_dir / "cache").exists()  # no per-image files
-    body = metrics.body_mask(read_image(s["image_path"]).pixels)
-    stored = decode(masks.set_index("image_id").loc[s["image_id"]].to_dict() | {"image_id": s["image_id"]})
-    np.testing.assert_array_equal(stored, body)
+    pixels = read_image(s["image_path"]).pixels
+    body = metrics.body_mask(pixels)
+    stored_row = masks.set_index("image_id").loc[s["image_id"]].to_dict() | {"image_id": s["image_id"]}
+    np.testing.assert_array_equal(decode(stored_row), body)
+    line = metrics.patient_midline(metrics.to_grey01(pixels), body)  # the phantoms are not inverted
+    assert (stored_row["midline_source"], stored_row["midline_x0"]) == (line.source, pytest.approx(line.x0))
+    assert masks["midline_source"].notna().all()
     boxes = [(b["x"], b["y"], b["w"], b["h"]) for b in s["boxes"] if b["finding"] == row["finding"]]
     grid = np.asarray(row["image_map"]).reshape(int(row["grid_h"]), int(row["grid_w"]))
-    expect = metrics.score_map(grid, body, s["view_position"], boxes or None)
-    for k in ("inside_body_ratio", "border_fraction", "entropy_bits", "patient_left_fraction", "box_mass_fraction"):
+    expect = metrics.score_map(grid, body, s["view_position"], boxes or None, midline_x=line.per_row())
+    for k in ("inside_body_ratio", "border_fraction", "entropy_bits", "patient_left_fraction",
+              "patient_left_fraction_centre", "box_mass_fraction"):
         assert row[k] == pytest.approx(expect[k], rel=1e-5, nan_ok=True), k
+    centre = metrics.score_map(grid, body, s["view_position"], boxes or None)["patient_left_fraction"]
+    assert row["patient_left_fraction_centre"] == pytest.approx(centre, rel=1e-5, nan_ok=True)
 
 
 def test_localisation_uses_the_targets_own_finding(run_dir):

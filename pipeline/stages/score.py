@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 
-from pipeline.body_masks import ShardBodyMasks
+from pipeline.body_masks import ShardBodyMasks, decode, midline_split
 from pipeline.stages.common import shard_samples
 from pipeline.vocabulary import label_column
 
@@ -60,12 +60,15 @@ def sensitivity_label(target_kind: str, target_label: str, prompt_kind: str, pro
     return None
 
 
-def finding_side(boxes: list[dict], width: int) -> str | None:
-    """Patient side of a finding's boxes: a box centred on the image's right half is on the
-    patient's left (radiological convention). Boxes on both sides: "bilateral"."""
+def finding_side(boxes: list[dict], split_x: np.ndarray) -> str | None:
+    """Patient side of a finding's boxes: a box whose centre lies right of the patient's midline
+    (`split_x`: its x per image row, pixels) is on the patient's left (radiological convention).
+    Boxes on both sides: "bilateral"."""
     if not boxes:
         return None
-    sides = {"left" if b["x"] + b["w"] / 2 > width / 2 else "right" for b in boxes}
+    last = len(split_x) - 1
+    sides = {"left" if b["x"] + b["w"] / 2 > split_x[min(max(int(b["y"] + b["h"] / 2), 0), last)] else "right"
+             for b in boxes}
     return sides.pop() if len(sides) == 1 else "bilateral"
 
 
@@ -78,23 +81,26 @@ def stated_side_share(target_kind: str, matched_text: Any, patient_left_fraction
     return patient_left_fraction if word == "left" else 1.0 - patient_left_fraction
 
 
-def _metric_row(r: dict[str, Any], s: pd.Series, image_id: str, mask: np.ndarray, scorers: dict, ctx) -> dict[str, Any]:
-    """The metrics/ row of one relevancy row `r` of sample `s` (scorers cached per image)."""
+def _metric_row(r: dict[str, Any], s: pd.Series, image_id: str, body: tuple[np.ndarray, np.ndarray], scorers: dict,
+                ctx) -> dict[str, Any]:
+    """The metrics/ row of one relevancy row `r` of sample `s` (`body`: the image's mask and its
+    midline per row; scorers cached per image)."""
     import metrics
 
     finding = localisation_finding(r["target_kind"], r["target_label"], s["prompt_kind"], s["prompt_finding"])
     boxes = [b for b in (s["boxes"] if s["boxes"] is not None else []) if finding and b["finding"] == finding]
     key = (finding if boxes else None, s["view_position"])
     if key not in scorers:
-        scorers[key] = metrics.MapScorer(mask, s["view_position"], [(b["x"], b["y"], b["w"], b["h"]) for b in boxes] or None,
-                                         top_fraction=float(ctx.cfg.metrics.iou_top_fraction))
+        scorers[key] = metrics.MapScorer(body[0], s["view_position"],
+                                         [(b["x"], b["y"], b["w"], b["h"]) for b in boxes] or None,
+                                         top_fraction=float(ctx.cfg.metrics.iou_top_fraction), midline_x=body[1])
     grid = np.asarray(r["image_map"], dtype=np.float64).reshape(int(r["grid_h"]), int(r["grid_w"]))
     sc = scorers[key].score(grid)
     return {
         **{k: r[k] for k in KEYS},
         "image_id": image_id, "prompt_id": s["prompt_id"], "prompt_kind": s["prompt_kind"],
         "view_position": s["view_position"], "finding": finding,
-        "finding_side": finding_side(boxes, int(s["width"])), "n_boxes": len(boxes),
+        "finding_side": finding_side(boxes, body[1]), "n_boxes": len(boxes),
         **{k: sc.get(k, np.nan) for k in metrics.SCORE_KEYS},
         "side_agrees": stated_side_share(r["target_kind"], r.get("matched_text"), sc["patient_left_fraction"]),
         "shard": ctx.shard,
@@ -122,7 +128,8 @@ def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, done: set, fail
         for image_id, grp in ctx.progress(groups, total=groups.ngroups, desc="score"):
             first = by_id.loc[grp["sample_id"].iloc[0]]
             try:
-                mask = masks.get(image_id, first["image_path"], first["image_sha256"])
+                row = masks.row(image_id, first["image_path"], first["image_sha256"])
+                body = (decode(row), midline_split(row))
             except Exception as e:  # e.g. a constant image has no body to find
                 for sid in grp["sample_id"].unique():
                     fail(sid, image_id, e)
@@ -130,7 +137,7 @@ def _metrics_rows(ctx, samples: pd.DataFrame, rel: pd.DataFrame, done: set, fail
             scorers: dict[Any, Any] = {}
             for r in grp.to_dict("records"):
                 try:
-                    writer.add(_metric_row(r, by_id.loc[r["sample_id"]], image_id, mask, scorers, ctx))
+                    writer.add(_metric_row(r, by_id.loc[r["sample_id"]], image_id, body, scorers, ctx))
                     n_rows += 1
                 except Exception as e:  # one bad row never stops the stage
                     fail(r["sample_id"], image_id, e)
