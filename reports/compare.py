@@ -3,9 +3,10 @@
     python -m reports.compare runs/shortcut/demo runs/shortcut/demo_shortcut --target-kind laterality
 
 Prints, per run x target kind x method: the number of maps, mean pointing game (over maps with
-boxes), mass in the boxes relative to the boxes' area (1 = a uniform map), border fraction,
-inside-body ratio and entropy (bits), each as "mean [95% interval]" (patient-level cluster
-bootstrap, as in the report);
+boxes), mass in the boxes relative to the boxes' area (1 = a uniform map), mIoU (Otsu) and CNR
+(pixel space, as the report), border fraction, inside-body ratio, entropy (bits) and the mass on
+the side an answer states (laterality targets), each as "mean [95% interval]" (patient-level
+cluster bootstrap, as in the report);
 ``--csv`` writes the long table. Runs are labelled by their model's name (from the manifest).
 The runs are read through the report's engine (:mod:`reports.data`): aggregates only, memory
 bounded independently of the runs' sizes.
@@ -23,7 +24,8 @@ from reports.data import EngineSettings, RunData, load_run, metrics_rows, num, s
 from reports.stats import fmt_ci
 
 #: Scores compared (box_mass_ratio = box_mass_fraction / box_area_fraction; 1 = a uniform map)
-SCORES: tuple[str, ...] = ("pointing_hit", "box_mass_ratio", "border_fraction", "inside_body_ratio", "entropy_bits")
+SCORES: tuple[str, ...] = ("pointing_hit", "box_mass_ratio", "box_iou", "cnr", "border_fraction", "inside_body_ratio",
+                           "entropy_bits", "side_agrees")
 
 
 def _run_label(run: RunData, root: Path) -> str:
