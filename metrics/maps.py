@@ -49,6 +49,13 @@ Definitions (m = the raw map, non-negative, not normalised; M = sum of m; each f
   pixels reach it; default 0.1); cnr = MS-CXR's contrast-to-noise ratio (Boecking et al., ECCV
   2022) |mean_in - mean_out| / sqrt(var_in + var_out) of the pixel values inside vs outside the
   boxes (population variances; NaN when there is no pixel on one side or both are constant).
+  Where these differ from the published code: cheXlocalize min-max normalises the map before
+  Otsu (the same threshold: Otsu is invariant to an affine change of values), upsamples
+  bilinearly and takes the argmax PIXEL as the representative point, and averages IoU over
+  images where the finding is present; here the map keeps its cells (the patch grid the model
+  sees) and the argmax cell's centre is the point. MS-CXR's CNR is computed on similarity maps
+  smoothed before upsampling; here on the raw relevancy map. Means over targets are the mIoU,
+  hit rate and mean CNR the report prints beside published values of other models.
 - attention-sink diagnostics: first_token_fraction = mass of the first image token (cell (0, 0),
   row-major) / M; corner_fraction = mass of the four corner cells / M (a sink-dominated map puts
   most of its mass there whatever the image shows).
