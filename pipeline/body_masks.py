@@ -48,7 +48,7 @@ def mask_row(image_id: str, digest: str, pixels: np.ndarray, shard: int) -> dict
 
 def decode(row: dict[str, Any]) -> np.ndarray:
     """The boolean mask of a body_masks/ row; raises ValueError with the stored reason if none."""
-    if row.get("mask") is None:
+    if not isinstance(row.get("mask"), bytes):  # null (None, or NaN from a pandas frame)
         raise ValueError(f"no body mask for image {row.get('image_id')}: {row.get('error')}")
     h, w = int(row["height"]), int(row["width"])
     bits = np.unpackbits(np.frombuffer(row["mask"], dtype=np.uint8), count=h * w)
@@ -67,7 +67,7 @@ def _complete(row: dict[str, Any] | None) -> bool:
     """A stored row usable as it is: an error, or a mask with its midline."""
     if row is None:
         return False
-    return row.get("mask") is None or row.get("midline_source") is not None
+    return not isinstance(row.get("mask"), bytes) or isinstance(row.get("midline_source"), str)
 
 
 class ShardBodyMasks:

@@ -3,6 +3,7 @@ the target's own finding, thresholds, prompt-sensitivity pairs, answers against 
 from __future__ import annotations
 
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -129,3 +130,34 @@ def test_stated_side_share():
     assert stated_side_share("laterality", "right", 0.8) == pytest.approx(0.2)
     assert np.isnan(stated_side_share("keywords", "left", 0.8))
     assert np.isnan(stated_side_share("laterality", "left", float("nan")))  # lateral view
+
+
+def test_body_masks_rows_without_a_midline_are_computed_again(tmp_path):
+    """A body_masks/ row written before midlines were stored is recomputed from the image; the
+    complete row then wins over the old one, and a constant image keeps its error row."""
+    from PIL import Image
+
+    from pipeline.body_masks import ShardBodyMasks, decode, midline_split
+
+    path = Path(__file__).parent / "data" / "real_cxr" / "hannover" / "images" / "0a7faa2a.png"
+    pixels = np.asarray(Image.open(path))
+    h, w = pixels.shape[:2]
+    body = metrics.body_mask(pixels)
+    old = {"image_id": "a", "image_sha256": "d", "height": h, "width": w, "error": None, "shard": 0,
+           "mask": np.packbits(body, axis=None).tobytes()}  # no midline columns: an older row
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(flat)
+    view = RunStore(tmp_path / "run").shard(0, 1)
+    view.write_rows("body_masks", [old])
+    masks = ShardBodyMasks(view, ["a", "b"], 60_000_000)
+    row = masks.row("a", str(path), "d")
+    line = metrics.patient_midline(metrics.to_grey01(pixels), body)
+    assert row["midline_source"] == line.source == "image" and row["midline_x0"] == pytest.approx(line.x0)
+    np.testing.assert_allclose(midline_split(row), line.per_row())
+    np.testing.assert_array_equal(decode(row), body)
+    with pytest.raises(ValueError, match="no body mask for image b"):
+        masks.get("b", str(flat), "e")
+    masks.save()
+    again = ShardBodyMasks(view, ["a", "b"], 60_000_000)
+    assert again.rows["a"]["midline_source"] == "image" and again.new_rows == []
+    assert "constant image" in again.row("b", str(flat), "e")["error"] and again.new_rows == []
