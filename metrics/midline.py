@@ -63,7 +63,12 @@ mediastinum between the lungs; in an oblique projection (rotated patient) that i
 spinous processes are. Over the lung rows it lies a few px toward the patient's left of the
 medial-edge midpoint (mean +4.5 px of 640 on the Hannover films: the heart). Tilts are shrunk
 toward 0 by the prior (a 0.08 tilt is found as 0.02 to 0.07 on phantoms). A film with no dark
-lung fields on either side (both lungs white) has no mediastinum cue and falls back.
+lung fields on either side (both lungs white) has no mediastinum cue and falls back. The grey
+values must be in the display convention: read with the wrong polarity, the mediastinum cue
+finds the lung fields (bright bands between dark ones), and on 64 of the 98 real films the
+flipped reading gives a line in one lung (95-220 px off at 1024 px). The pipeline takes the
+polarity from the body mask (`metrics.body_mask_and_polarity`, which misses 2 of the 98 inverted
+real films) and a DICOM's MONOCHROME1 from its header.
 """
 from __future__ import annotations
 
