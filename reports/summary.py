@@ -185,8 +185,11 @@ def _shortcut_sentence(diag: pd.DataFrame, data: RunData) -> str:
                  else "no method has sink-dominated maps in more than 10% of targets")
     side = [f"{r['method']} {fmt_num(r['side_agrees'])}" for _, r in real.iterrows()
             if "side_agrees" in r and not pd.isna(r["side_agrees"])]
+    rnd = _row(diag, "random")
     if side:
-        parts.append("mass on the side the answer states: " + ", ".join(side))
+        floor = ("" if rnd is None or "side_agrees" not in rnd or pd.isna(rnd["side_agrees"])
+                 else f" (random {fmt_num(rnd['side_agrees'])})")
+        parts.append("mass on the side the answer states: " + ", ".join(side) + floor)
     return "Shortcuts: " + "; ".join(parts) + "."
 
 
