@@ -30,19 +30,13 @@ def mask_row(image_id: str, digest: str, pixels: np.ndarray, shard: int) -> dict
            "midline_x0": None, "midline_slope": None, "midline_source": None, "midline_reason": None,
            "shard": shard}
     try:
-        mask, inverted = metrics.body_mask_and_polarity(pixels)
+        geo = metrics.body_geometry(pixels)
     except Exception as e:  # recorded; score turns it into errors/ rows of the image's samples
         row["error"] = f"{type(e).__name__}: {e}"
         return row
-    row["mask"] = np.packbits(mask.astype(bool), axis=None).tobytes()
-    try:
-        grey = metrics.to_grey01(pixels)
-        line = metrics.patient_midline(1.0 - grey if inverted else grey, mask)
-        row.update(midline_x0=float(line.x0), midline_slope=float(line.slope), midline_source=line.source,
-                   midline_reason=line.reason or None)
-    except Exception as e:  # no line: the image's centre column, with the reason
-        row.update(midline_x0=w / 2, midline_slope=0.0, midline_source="image_centre",
-                   midline_reason=f"{type(e).__name__}: {e}")
+    line = geo.midline
+    row.update(mask=np.packbits(geo.mask.astype(bool), axis=None).tobytes(), midline_x0=float(line.x0),
+               midline_slope=float(line.slope), midline_source=line.source, midline_reason=line.reason or None)
     return row
 
 

@@ -59,9 +59,9 @@ def _hannover(image_id: str):
 @pytest.mark.parametrize("image_id", _hannover_ids())
 def test_hannover_laterality_inside_body_and_lung_coverage(image_id):
     img, lr, view = _hannover(image_id)
-    body, inverted = metrics.body_mask_and_polarity(img)
-    assert body.shape == img.shape[:2] and not inverted
-    line = metrics.patient_midline(metrics.to_grey01(img), body)
+    geo = metrics.body_geometry(img)
+    body, line = geo.mask, geo.midline
+    assert body.shape == img.shape[:2] and not geo.inverted
     assert line.source == "image", line.reason
     # maps that are the lung masks area-averaged onto a 16 x 16 grid
     left = metrics.score_map(metrics.cell_coverage(lr == 2, 16, 16), body, view, midline_x=line.per_row())
@@ -71,6 +71,7 @@ def test_hannover_laterality_inside_body_and_lung_coverage(image_id):
         assert right["patient_left_fraction"] <= 0.05
     assert left["patient_left_fraction_centre"] >= 0.95
     assert right["patient_left_fraction_centre"] <= PATIENT_OFF_CENTRE.get(image_id, 0.05)
+    assert metrics.score_image(metrics.cell_coverage(lr == 1, 16, 16), img, view) == pytest.approx(right, nan_ok=True)
     inside = 0.9 if image_id in ANNOTATION_PAST_FILM else 0.95
     assert left["inside_body_ratio"] >= inside and right["inside_body_ratio"] >= inside
     lungs = lr > 0
