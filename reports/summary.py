@@ -199,7 +199,7 @@ def _summary_table(methods: Sequence[str], loc: pd.DataFrame, faith: pd.DataFram
         lr, fr, dr = _row(loc, m), _row(faith, m), _row(diag, m)
         rows.append({"method": m + (" (floor)" if m == "random" else ""),
                      "pointing game": _ci(lr, "pointing"), "mIoU (Otsu)": _ci(lr, "iou"), "CNR": _ci(lr, "cnr"),
-                     "deletion − random": _ci(fr, "d_diff"), "insertion − random": _ci(fr, "i_diff"),
+                     "deletion − random": _ci(fr, "d_diff"),
                      "inside body": _ci(dr, "inside_body_ratio"), "border": _ci(dr, "border_fraction"),
                      "sink-dominated": _ci(dr, "sink_dominated"), "stated side": _ci(dr, "side_agrees")})
     return pd.DataFrame(rows)
@@ -245,7 +245,8 @@ def summary_section(data: RunData, opts: Options, loc: pd.DataFrame, faith: pd.D
     sec.add(Paragraph(" ".join(t for t in text if t)))
     numbers = _summary_numbers(methods, {"localisation": loc, "faithfulness": faith, "diagnostics": diag})
     sec.add(Table("summary", _summary_table(methods, loc, faith, diag), data=numbers,
-                  caption="Per method: mean [95% interval]; random is the floor (details in the sections below)"))
+                  caption="Per method: mean [95% interval]; random is the floor (insertion and the rest in the "
+                          "sections below)"))
     uniform = float(loc["uniform_mass"].mean()) if not loc.empty else math.nan
     png = F.summary_dots([("pointing game", _panel(loc, "pointing"), uniform),
                           ("mIoU (Otsu)", _panel(loc, "iou"), None), ("CNR", _panel(loc, "cnr"), None),
