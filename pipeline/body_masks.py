@@ -52,9 +52,10 @@ def decode(row: dict[str, Any]) -> np.ndarray:
 def midline_split(row: dict[str, Any]) -> np.ndarray:
     """The patient's midline of a body_masks/ row as one x position (pixels) per image row, at the
     rows' centres (`metrics.MapScorer`'s `midline_x`)."""
-    h = int(row["height"])
-    y = np.arange(h, dtype=np.float64) + 0.5
-    return float(row["midline_x0"]) + float(row["midline_slope"]) * (y - h / 2)
+    import metrics
+
+    return metrics.Midline(float(row["midline_x0"]), float(row["midline_slope"]), str(row["midline_source"]),
+                           int(row["height"]), int(row["width"])).per_row()
 
 
 def _complete(row: dict[str, Any] | None) -> bool:

@@ -97,10 +97,9 @@ def diagnostics_section(data: RunData, opts: Options) -> tuple[Section, pd.DataF
 
 
 def _run_counts(data: RunData, kinds: Sequence[str]) -> dict[str, int]:
-    where = ", ".join(f"'{k}'" for k in kinds) or "NULL"
     r = data.sql(f"SELECT count(DISTINCT image_id) AS images, count(DISTINCT patient) AS patients, "
                  "count(DISTINCT (sample_id, target_kind, target_label, token_start)) AS targets "
-                 f"FROM ({D.metrics_rows()}) AS m WHERE target_kind IN ({where})").iloc[0]
+                 f"FROM ({D.metrics_rows(kinds)}) AS m").iloc[0]
     return {k: int(r[k] or 0) for k in ("images", "patients", "targets")}
 
 
